@@ -1,0 +1,46 @@
+# Set-up and everyday targets. Everything installs into .venv from this repository's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR := data/demo
+DEMO_OUT := output
+DEMO_MODELS := models
+
+.PHONY: venv demo test test-all bench bench-preprocess bench-train sagemaker-source clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The main job on embedded demo data: synthetic images -> pickles -> trained model + predictions.
+demo: venv
+	$(PY) -m dss.sample $(DEMO_DIR)
+	$(PY) preprocess.py --input $(DEMO_DIR) --output-dir $(DEMO_OUT) --image-size 64
+	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 6 --batch-size 64
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: bench-preprocess bench-train
+
+bench-preprocess: venv
+	$(PY) bench/preprocess.py
+
+bench-train: venv
+	$(PY) bench/train.py
+
+# A lean SageMaker source_dir: the two scripts, the package and requirements; never .venv or data.
+sagemaker-source:
+	rm -rf build/sagemaker-source
+	mkdir -p build/sagemaker-source
+	cp preprocess.py dss_train.py requirements.txt build/sagemaker-source/
+	cp -r dss build/sagemaker-source/dss
+	find build/sagemaker-source -name '__pycache__' -prune -exec rm -rf {} +
+	@echo "source_dir ready: build/sagemaker-source"
+
+clean:
+	rm -rf $(DEMO_DIR) $(DEMO_OUT) $(DEMO_MODELS) build .pytest_cache

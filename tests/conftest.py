@@ -1,0 +1,111 @@
+"""Shared fixtures: a real moto S3 server over HTTP, small demo datasets, and script runners.
+
+Nothing here mocks boto3: S3 tests talk HTTP to a moto server process started per session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# Credentials for the local moto server only; never real AWS.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    """The current environment without AWS/SageMaker settings that could leak into a test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SM_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra)
+    return env
+
+
+def run_script(script: str, args: list[str], env: dict | None = None, timeout: float = 600,
+               cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run ``preprocess.py``/``dss_train.py`` (or ``-m module``) as a real subprocess; text output."""
+    command = [PYTHON, *(script.split() if script.startswith("-m ") else [str(REPO_ROOT / script)]), *map(str, args)]
+    return subprocess.run(command, env=env if env is not None else clean_env(), cwd=cwd or REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server process on a free local port. Yields a dict with ``endpoint`` and ``env``
+    (fake credentials + AWS_ENDPOINT_URL) for subprocesses."""
+    port = _free_port()
+    log = open(os.devnull, "wb")
+    process = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=log, env=clean_env())
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError("moto server exited at start-up; is moto[server] installed?")
+            time.sleep(0.2)
+    else:
+        process.kill()
+        raise RuntimeError("moto server did not start within 60 s")
+    env = clean_env(**FAKE_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield {"endpoint": endpoint, "env": env, "port": port}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def s3_client(s3_server, monkeypatch):
+    """A boto3 client on the moto server (for arranging test objects, never for the code under test)."""
+    import boto3
+
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small demo dataset in the Conser-vision layout (tiny images so tests stay fast)."""
+    from dss.sample import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    write_demo_dataset(root, n_train=160, n_test=40, seed=0, scale=0.1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_pickles(demo_data, tmp_path_factory) -> Path:
+    """``demo_data`` run through preprocess.py at 32 px: a folder with train/test pickles."""
+    out = tmp_path_factory.mktemp("pickles")
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", out, "--image-size", "32"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
