@@ -1,0 +1,396 @@
+"""How fast is the training loop, and how close to the model's own limit? Prints a table of images/s.
+
+    python bench/train.py                                   # CPU defaults: 32 px, batch 128
+    python bench/train.py --steps 3 --num-images 256        # quick check that the benchmark works
+    python bench/train.py --device cuda --image-size 224 --batch-size 256 --num-images 9866 --save
+    python bench/train.py --compare-recipes --epochs 6      # our recipe vs the prototype's, on demo data
+
+Rows (same model, batch, precision, memory format and image size; synthetic uint8 images):
+  (a) ours: DeviceImages + GpuAugment + engine.train_one_epoch (one epoch of --steps batches, after
+      a warm-up epoch)
+  (b) model-only limit: the same forward/backward/optimizer/scheduler steps on one normalised
+      batch already on the device, no data pipeline, no augmentation
+  (c) naive: per-sample PIL transforms (RandomHorizontalFlip, ToTensor, Normalize) in a torch
+      DataLoader with --naive-workers workers, fp32, contiguous, loss.item() every step (the prototype)
+  predict: engine.predict_probs in batches of --predict-batch-size vs one image at a time
+Ratios (a)/(b) (how much of the model's limit the pipeline keeps) and (a)/(c).
+``--compare-recipes``: train our defaults (AdamW, warmup + cosine, label smoothing 0.1, GPU
+augmentation) and the prototype's recipe (Adam, flip only, plain cross-entropy, its best epoch
+chosen on a random 25% split of the training images) for the same epochs on dss.sample demo data,
+both scored on the same site-grouped validation set. Timings on a busy machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from dss import engine, fileio  # noqa: E402
+from dss.config import str2bool  # noqa: E402
+from dss.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform  # noqa: E402
+from dss.model import build_model  # noqa: E402
+
+PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--image-size", type=int, default=32, help="stored and network input size, px")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per row")
+    parser.add_argument("--num-images", type=int, default=0,
+                        help="synthetic images on the device (default: batch-size x steps)")
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="auto: bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, fp32 on CPU")
+    parser.add_argument("--channels-last", type=str2bool, default=True)
+    parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model (rows a, b)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers for row (c)")
+    parser.add_argument("--naive-steps", type=int, default=0, help="timed steps for row (c) (default: --steps)")
+    parser.add_argument("--predict-batch-size", type=int, default=512)
+    parser.add_argument("--single-predictions", type=int, default=64, help="images predicted one at a time")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip: a,b,c,predict")
+    parser.add_argument("--compare-recipes", action="store_true", help="the recipe comparison instead of speed")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per recipe (--compare-recipes)")
+    parser.add_argument("--demo-train", type=int, default=600, help="demo training images (--compare-recipes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", action="store_true", help="also write the table under bench/results/")
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    return engine.select_precision(device) if name == "auto" else PRECISIONS[name]
+
+
+def precision_name(amp_dtype, use_scaler) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype] + (" + GradScaler" if use_scaler
+                                                                                      else "")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    text = f"{platform.node()}: {cpu}, {torch.get_num_threads()} torch threads"
+    if device.type == "cuda":
+        text += f"; GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def synthetic_images(count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (count, size, size, 3) smooth random images and labels in 0..7 (content does not matter for speed)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8)
+    images = np.repeat(np.repeat(small, -(-size // 4), axis=1), -(-size // 4), axis=2)[:, :size, :size]
+    return np.ascontiguousarray(images), rng.integers(0, 8, count).astype(np.int64)
+
+
+class TrainSetup:
+    """Model, optimizer, scheduler and scaler built the same way for rows (a) and (b)."""
+
+    def __init__(self, device, amp_dtype, use_scaler, channels_last, compile_model, total_steps, seed):
+        torch.manual_seed(seed)
+        model = build_model(8, "none").to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if compile_model else model
+        self.optimizer = engine.build_optimizer(model, "adamw", 1e-3, 0.05)
+        self.scheduler = engine.build_scheduler(self.optimizer, total_steps, total_steps // 10)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+
+def measure_ours(images, labels, args, device, amp_dtype, use_scaler) -> float:
+    """Row (a): images/s of engine.train_one_epoch over the device-resident images."""
+    stored = DeviceImages(images, device)
+    device_labels = torch.from_numpy(labels).to(device)
+    setup = TrainSetup(device, amp_dtype, use_scaler, args.channels_last, args.compile, 1000, args.seed)
+    augment = GpuAugment(args.image_size)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    warm = DeviceImages(images[:args.batch_size * 2], device)
+    engine.train_one_epoch(setup.model, setup.optimizer, setup.scheduler, setup.scaler, warm,
+                           device_labels[:args.batch_size * 2], args.batch_size, augment, setup.loss_fn, generator,
+                           amp_dtype, 0, 0, progress=False)
+    result = engine.train_one_epoch(setup.model, setup.optimizer, setup.scheduler, setup.scaler, stored,
+                                    device_labels, args.batch_size, augment, setup.loss_fn, generator, amp_dtype, 1,
+                                    2, progress=False)
+    return result["train_images_per_s"]
+
+
+def measure_model_only(images, labels, args, device, amp_dtype, use_scaler, steps: int) -> float:
+    """Row (b): the same training steps on one normalised batch already on the device."""
+    setup = TrainSetup(device, amp_dtype, use_scaler, args.channels_last, args.compile, 1000, args.seed)
+    batch = torch.from_numpy(images[:args.batch_size]).to(device).permute(0, 3, 1, 2)
+    inputs = eval_transform(batch, args.image_size)
+    if not args.channels_last:
+        inputs = inputs.contiguous()
+    targets = torch.from_numpy(labels[:args.batch_size]).to(device)
+
+    def step():
+        with engine._autocast(device, amp_dtype):
+            logits = setup.model(inputs)
+        loss = setup.loss_fn(logits.float(), targets)
+        setup.optimizer.zero_grad(set_to_none=True)
+        if setup.scaler is not None:
+            setup.scaler.scale(loss).backward()
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+        else:
+            loss.backward()
+            setup.optimizer.step()
+        setup.scheduler.step()
+        return loss.detach()
+
+    for _ in range(2):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        total += step()
+    total.item()
+    return steps * args.batch_size / (time.perf_counter() - started)
+
+
+class _PilDataset(torch.utils.data.Dataset):
+    """The prototype's pipeline: one PIL image per sample through torchvision transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        from torchvision import transforms
+
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def measure_naive(images, labels, args, device, steps: int) -> float:
+    """Row (c): per-sample PIL transforms in a DataLoader, fp32, contiguous, loss.item() per step."""
+    torch.manual_seed(args.seed)
+    model = build_model(8, "none").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    count = min(len(images), args.batch_size * (steps + 1))
+    loader = torch.utils.data.DataLoader(_PilDataset(images[:count], labels[:count]), batch_size=args.batch_size,
+                                         shuffle=True, num_workers=args.naive_workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    model.train()
+    started, seen, running_loss = None, 0, 0.0
+    for batch_number, (inputs, targets) in enumerate(loader):
+        if batch_number == 1:                  # the first batch is warm-up (worker start, first kernels)
+            synchronize(device)
+            started = time.perf_counter()
+        inputs, targets = inputs.to(device), targets.to(device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+        if batch_number >= 1:
+            seen += inputs.shape[0]
+    return seen / (time.perf_counter() - started)
+
+
+def measure_predict(images, args, device, amp_dtype) -> tuple[float, float]:
+    """(batched images/s via engine.predict_probs, one-image-at-a-time images/s)."""
+    torch.manual_seed(args.seed)
+    model = build_model(8, "none").to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stored = DeviceImages(images, device)
+    engine.predict_probs(model, DeviceImages(images[:args.predict_batch_size], device), args.predict_batch_size,
+                         args.image_size, amp_dtype)
+    started = time.perf_counter()
+    engine.predict_probs(model, stored, args.predict_batch_size, args.image_size, amp_dtype)
+    batched = len(stored) / (time.perf_counter() - started)
+
+    single = min(args.single_predictions, len(stored))
+    model.eval()
+    with torch.inference_mode():
+        started = None
+        for index in range(single + 1):
+            if index == 1:
+                synchronize(device)
+                started = time.perf_counter()
+            inputs = eval_transform(stored.slice(index, index + 1), args.image_size)
+            with engine._autocast(device, amp_dtype):
+                torch.softmax(model(inputs).float(), dim=1).cpu()
+    one_at_a_time = single / (time.perf_counter() - started)
+    return batched, one_at_a_time
+
+
+def speed_rows(args, device) -> list[tuple[str, str]]:
+    amp_dtype, use_scaler = resolve_precision(args.precision, device)
+    num_images = args.num_images or args.batch_size * args.steps
+    images, labels = synthetic_images(num_images, args.image_size, args.seed)
+    steps = max(num_images // args.batch_size, 1)
+    skip = set(filter(None, args.skip.split(",")))
+    setting = (f"{args.image_size} px, batch {args.batch_size}, {precision_name(amp_dtype, use_scaler)}, "
+               f"channels_last={args.channels_last}, compile={args.compile}")
+    rows, rates = [], {}
+    if "a" not in skip:
+        rates["a"] = measure_ours(images, labels, args, device, amp_dtype, use_scaler)
+        rows.append((f"(a) ours: DeviceImages + GpuAugment + train_one_epoch ({setting}, {num_images} images)",
+                     f"{rates['a']:,.0f}"))
+    if "b" not in skip:
+        rates["b"] = measure_model_only(images, labels, args, device, amp_dtype, use_scaler, steps)
+        rows.append((f"(b) model-only limit ({setting}, {steps} steps)", f"{rates['b']:,.0f}"))
+    if "c" not in skip:
+        naive_steps = args.naive_steps or steps
+        rates["c"] = measure_naive(images, labels, args, device, naive_steps)
+        rows.append((f"(c) naive: PIL transforms in a DataLoader, {args.naive_workers} workers, fp32, "
+                     f"batch {args.batch_size}, {naive_steps} steps", f"{rates['c']:,.0f}"))
+    if "a" in rates and "b" in rates:
+        rows.append(("ratio (a)/(b)", f"{rates['a'] / rates['b']:.2f}"))
+    if "a" in rates and "c" in rates:
+        rows.append(("ratio (a)/(c)", f"{rates['a'] / rates['c']:.1f}"))
+    if "predict" not in skip:
+        batched, single = measure_predict(images, args, device, amp_dtype)
+        rows.append((f"predict: predict_probs, batch {args.predict_batch_size} ({num_images} images)",
+                     f"{batched:,.0f}"))
+        rows.append((f"predict: one image at a time ({min(args.single_predictions, num_images)} images)",
+                     f"{single:,.0f}"))
+    return rows
+
+
+def recipe_rows(args, device) -> list[tuple[str, str]]:
+    """Our recipe vs the prototype's on demo data, scored on one site-grouped validation set."""
+    from dss.dataset import load_split
+    from dss.sample import write_demo_dataset
+    from dss.split import random_split, site_grouped_split
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = Path(tmp) / "demo", Path(tmp) / "pickles"
+        write_demo_dataset(root, n_train=args.demo_train, n_test=1, seed=args.seed, scale=0.1)
+        subprocess.run([sys.executable, str(REPO_ROOT / "preprocess.py"), "--input", str(root), "--output-dir",
+                        str(out), "--image-size", str(args.image_size)], check=True, capture_output=True)
+        data = load_split(out, "train")
+    labels = np.asarray(data["labels"], dtype=np.int64)
+    num_classes = len(data["class_names"])
+    val_mask = site_grouped_split(labels, data["sites"], 0.2, args.seed)
+    train_images, train_labels = data["images"][~val_mask], labels[~val_mask]
+    val = DeviceImages(data["images"][val_mask], device)
+    val_labels = labels[val_mask]
+    amp_dtype, use_scaler = resolve_precision(args.precision, device)
+
+    def run(recipe: str) -> tuple[dict, dict | None]:
+        torch.manual_seed(args.seed)
+        model = build_model(num_classes, "none").to(device).to(memory_format=torch.channels_last)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(args.seed)
+        if recipe == "ours":
+            images, fit_labels, batch_size = train_images, train_labels, 64
+            steps = args.epochs * max(len(images) // batch_size, 1)
+            optimizer = engine.build_optimizer(model, "adamw", 2e-3, 0.05)
+            scheduler = engine.build_scheduler(optimizer, steps, max(steps // 10, 1))
+            augment = GpuAugment(args.image_size)
+            loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+            choice = None
+        else:
+            # The prototype: a random 75/25 split of the training images chooses the best epoch (by accuracy).
+            choice_mask = random_split(train_labels, 0.25, args.seed)
+            images, fit_labels, batch_size = train_images[~choice_mask], train_labels[~choice_mask], 32
+            choice = (DeviceImages(train_images[choice_mask], device), train_labels[choice_mask])
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            scheduler = None
+            augment = GpuAugment(args.image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), grey_p=0.0, brightness=0.0,
+                                 contrast=0.0)
+            loss_fn = nn.CrossEntropyLoss()
+        stored = DeviceImages(images, device)
+        device_labels = torch.from_numpy(fit_labels).to(device)
+        best_choice, chosen, step = -1.0, None, 0
+        for epoch in range(1, args.epochs + 1):
+            result = engine.train_one_epoch(model, optimizer, scheduler, None, stored, device_labels, batch_size,
+                                            augment, loss_fn, generator, amp_dtype, epoch, step, progress=False)
+            step += result["steps"]
+            scores = engine.evaluate(model, val, val_labels, nn.CrossEntropyLoss(), 256, args.image_size, amp_dtype)
+            if choice is not None:
+                choice_acc = engine.evaluate(model, choice[0], choice[1], loss_fn, 256, args.image_size,
+                                             amp_dtype)["val_acc"]
+                if choice_acc > best_choice:
+                    best_choice, chosen = choice_acc, {**scores, "epoch": epoch}
+        return scores, chosen
+
+    ours, _ = run("ours")
+    naive_last, naive_chosen = run("prototype")
+    sizes = f"{len(train_labels)} train / {int(val_mask.sum())} site-grouped val images, {args.epochs} epochs"
+    return [
+        (f"ours (AdamW, warmup+cosine, smoothing 0.1, GPU aug), last epoch [{sizes}]",
+         f"logloss {ours['val_logloss']:.4f}, acc {ours['val_acc']:.3f}"),
+        ("prototype (Adam, flip only), last epoch",
+         f"logloss {naive_last['val_logloss']:.4f}, acc {naive_last['val_acc']:.3f}"),
+        (f"prototype, epoch {naive_chosen['epoch']} chosen on its random 25% split",
+         f"logloss {naive_chosen['val_logloss']:.4f}, acc {naive_chosen['val_acc']:.3f}"),
+    ]
+
+
+def format_table(title: str, rows: list[tuple[str, str]], device: torch.device) -> str:
+    lines = [f"# {title}", "",
+             f"date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
+             f"machine: {machine_description(device)}  ",
+             f"torch {torch.__version__}, python {platform.python_version()}, device {device}", "",
+             "| what | result |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if args.compare_recipes:
+        title, rows = "Training recipes on demo data (val log loss / accuracy, site-grouped val)", recipe_rows(args,
+                                                                                                              device)
+    else:
+        title, rows = "Training throughput (images/s)", speed_rows(args, device)
+    table = format_table(title, rows, device)
+    print(table)
+    if args.save:
+        kind = "recipes" if args.compare_recipes else "train"
+        path = REPO_ROOT / "bench" / "results" / f"{kind}-{device.type}-{datetime.date.today().isoformat()}.md"
+        fileio.write_text(path, table)
+        print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

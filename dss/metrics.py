@@ -1,0 +1,148 @@
+"""Scores and plots: log loss (the competition metric), accuracy, confusion matrix,
+per-class precision/recall/F1, training curves.
+
+Plots use matplotlib's Agg canvas directly (no pyplot global state, no display) and are
+written atomically; matplotlib is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+import numpy as np
+
+from dss import fileio
+
+# Probabilities are clipped to [EPS, 1 - EPS] and renormalised before the log, as the
+# competition and sklearn's log_loss do, so one confident mistake costs at most -log(EPS).
+LOG_LOSS_EPS = 1e-15
+
+
+def _check_probs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (N, classes), got shape {probs.shape}")
+    if labels.shape != (probs.shape[0],):
+        raise ValueError(f"labels has shape {labels.shape}, expected ({probs.shape[0]},) to match probs")
+    if probs.shape[0] == 0:
+        raise ValueError("no samples to score")
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise ValueError(f"labels must be class indices in 0..{probs.shape[1] - 1}, got {labels.min()}..{labels.max()}")
+    return probs, labels.astype(np.int64)
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean multiclass log loss of probabilities (N, C) for true class indices (N,)."""
+    probs, labels = _check_probs(probs, labels)
+    clipped = np.clip(probs, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    return float(-np.mean(np.log(clipped[np.arange(labels.size), labels])))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose most probable class is the true one."""
+    probs, labels = _check_probs(probs, labels)
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 (C, C) counts: rows = true class, columns = predicted class."""
+    labels = np.asarray(labels, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    if labels.shape != preds.shape or labels.ndim != 1:
+        raise ValueError(f"labels and preds must be 1-D of equal length, got {labels.shape} and {preds.shape}")
+    for name, values in (("labels", labels), ("preds", preds)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must be class indices in 0..{num_classes - 1}")
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes,
+                                                                                                  num_classes)
+
+
+def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"confusion matrix has shape {cm.shape}, expected {len(class_names)} x {len(class_names)}")
+    report = []
+    for index, name in enumerate(class_names):
+        true_positive = cm[index, index]
+        predicted, support = cm[:, index].sum(), cm[index, :].sum()
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        report.append({"class": name, "precision": float(precision), "recall": float(recall), "f1": float(f1),
+                       "support": int(support)})
+    return report
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_figure(figure, path: str | os.PathLike) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    fileio.write_bytes(path, buffer.getvalue())
+
+
+def plot_training_curves(history: list[dict], path: str | os.PathLike) -> None:
+    """Losses (train, val, val log loss), accuracies and learning rate against epoch, as a PNG."""
+    if not history:
+        raise ValueError("no epochs to plot")
+    epochs = [row["epoch"] for row in history]
+
+    def series(key):
+        return [row.get(key, np.nan) for row in history]
+
+    figure = _new_figure(15, 4.5)
+    loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (objective)"),
+                       ("val_logloss", "val log loss (metric)")):
+        loss_axes.plot(epochs, series(key), marker="o", label=label)
+    loss_axes.set_title("Loss")
+    for key, label in (("train_acc", "train accuracy"), ("val_acc", "val accuracy")):
+        acc_axes.plot(epochs, series(key), marker="o", label=label)
+    acc_axes.set_title("Accuracy")
+    lr_axes.plot(epochs, series("lr"), marker="o", color="tab:gray")
+    lr_axes.set_title("Learning rate (end of epoch)")
+    for axes in (loss_axes, acc_axes, lr_axes):
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+    loss_axes.legend()
+    acc_axes.legend()
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike) -> None:
+    """Row-normalised confusion matrix (colour = share of the true class) with counts, as a PNG."""
+    cm = np.asarray(cm)
+    num_classes = len(class_names)
+    if cm.shape != (num_classes, num_classes):
+        raise ValueError(f"confusion matrix has shape {cm.shape}, expected {num_classes} x {num_classes}")
+    row_totals = cm.sum(axis=1, keepdims=True)
+    shares = np.divide(cm, row_totals, out=np.zeros(cm.shape, dtype=np.float64), where=row_totals > 0)
+    size = 2.5 + 0.8 * num_classes
+    figure = _new_figure(size + 1.5, size)
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, label="share of true class")
+    axes.set_xticks(range(num_classes), labels=class_names, rotation=45, ha="right")
+    axes.set_yticks(range(num_classes), labels=class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for row in range(num_classes):
+        for col in range(num_classes):
+            axes.text(col, row, str(int(cm[row, col])), ha="center", va="center", fontsize=8,
+                      color="white" if shares[row, col] > 0.5 else "black")
+    axes.set_title("Validation confusion matrix")
+    figure.tight_layout()
+    _save_figure(figure, path)

@@ -1,0 +1,199 @@
+"""The network (torchvision ResNet18 with a new head), its starting weights, and the model artifact.
+
+The artifact (``model.pth``) is a plain-data dict saved with ``torch.save`` and always read
+with ``torch.load(weights_only=True)``: no pickled classes, so loading a file cannot run code.
+It carries the preprocessing next to the weights (as timm does), so inference can never
+disagree with training about image size or normalisation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dss import fileio
+
+ARTIFACT_FORMAT = "dss-model"
+ARTIFACT_VERSION = 1
+ARCH = "resnet18"
+WEIGHTS_HELP = ("use --weights PATH with a local torchvision resnet18 state dict (.pth), "
+                "or --weights none to train from random initialisation")
+# Prefixes that torch.compile and DistributedDataParallel add to parameter names.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class WeightsError(RuntimeError):
+    """Starting weights could not be obtained or do not fit the network."""
+
+
+class ModelArtifactError(ValueError):
+    """A model artifact is unreadable, unsafe or not in the expected format."""
+
+
+def build_model(num_classes: int, weights: str) -> nn.Module:
+    """ResNet18 with ``num_classes`` outputs. ``weights``: "imagenet" (torchvision's
+    IMAGENET1K_V1, downloaded once to torchvision's cache with its hash checked), "none"
+    (random initialisation), or a path to a local state dict (a torchvision resnet18 ``.pth``
+    or a ``model.pth`` artifact of this pipeline); a head with another class count is replaced."""
+    from torchvision.models import resnet18
+
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    model = resnet18(weights=None, num_classes=num_classes)
+    if weights == "none":
+        return model
+    if weights == "imagenet":
+        state_dict = _download_imagenet_weights()
+        source = "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    else:
+        state_dict = _read_state_dict_file(weights)
+        source = str(weights)
+    _load_backbone(model, state_dict, source)
+    return model
+
+
+def _download_imagenet_weights() -> dict:
+    from torchvision.models import ResNet18_Weights
+
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    except Exception as error:  # network, DNS, proxy, HTTP, hash mismatch, disk: all mean "no weights"
+        raise WeightsError(
+            f"could not download the ImageNet weights for resnet18 ({type(error).__name__}: {error}); "
+            f"{WEIGHTS_HELP}") from error
+
+
+def _read_state_dict_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (--weights takes imagenet, none, or PATH to a .pth file)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: {error}") from error
+    if isinstance(loaded, dict) and loaded.get("format") == ARTIFACT_FORMAT:
+        loaded = loaded.get("state_dict")
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return _strip_prefixes(loaded)
+
+
+def _strip_prefixes(state_dict: dict) -> dict:
+    stripped = {}
+    for name, tensor in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        stripped[name] = tensor
+    return stripped
+
+
+def _load_backbone(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Copy every tensor of ``state_dict`` into ``model``; the head (fc.*) is kept from
+    ``state_dict`` only when its shape fits. Anything else that does not match is an error."""
+    own = model.state_dict()
+    head_skipped = False
+    usable = {}
+    for name, tensor in state_dict.items():
+        if name.startswith("fc.") and name in own and tensor.shape != own[name].shape:
+            head_skipped = True
+            continue
+        usable[name] = tensor
+    shape_mismatches = [f"{name}: file {tuple(tensor.shape)} vs model {tuple(own[name].shape)}"
+                        for name, tensor in usable.items() if name in own and tensor.shape != own[name].shape]
+    unexpected = sorted(set(usable) - set(own))
+    missing = sorted(name for name in set(own) - set(usable) if not (head_skipped and name.startswith("fc.")))
+    problems = []
+    if shape_mismatches:
+        problems.append("shape mismatch: " + "; ".join(shape_mismatches[:5]))
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:5])})")
+    if problems:
+        raise WeightsError(f"weights from {source} do not fit a torchvision resnet18: {'; '.join(problems)}")
+    model.load_state_dict(usable, strict=False)
+
+
+def _plain(value, where: str):
+    """Convert to data that ``torch.load(weights_only=True)`` accepts; refuse anything else."""
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(key): _plain(item, f"{where}.{key}") for key, item in value.items()}
+    raise TypeError(f"{where} is a {type(value).__name__}; the model artifact holds only plain data")
+
+
+def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: list[str], preprocessing: dict,
+                        hyperparameters: dict) -> None:
+    """Write the model artifact atomically. ``preprocessing``: image_size (network input),
+    stored_image_size, resize_policy, mean, std. Loadable with ``torch.load(weights_only=True)``."""
+    required = ("image_size", "stored_image_size", "resize_policy", "mean", "std")
+    absent = [key for key in required if key not in preprocessing]
+    if absent:
+        raise ValueError(f"preprocessing is missing {', '.join(absent)}")
+    state_dict = {name: tensor.detach().cpu().clone() for name, tensor in _strip_prefixes(model.state_dict()).items()}
+    payload = {
+        "format": ARTIFACT_FORMAT,
+        "version": ARTIFACT_VERSION,
+        "arch": ARCH,
+        "state_dict": state_dict,
+        "class_names": [str(name) for name in class_names],
+        "preprocessing": _plain(preprocessing, "preprocessing"),
+        "hyperparameters": _plain(hyperparameters, "hyperparameters"),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fileio.write_bytes(path, buffer.getvalue())
+
+
+def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Read a model artifact -> (ResNet18 in eval mode, dict of everything but the weights:
+    format, version, arch, class_names, preprocessing, hyperparameters).
+
+    Always ``weights_only=True``, explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
+    environment cannot switch the unpickler back to one that runs code."""
+    from torchvision.models import resnet18
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelArtifactError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ModelArtifactError(
+            f"refusing to load {path}: it is not a plain-data model artifact or it is damaged "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise ModelArtifactError(f"{path} is not a {ARTIFACT_FORMAT} artifact (was it written by dss_train.py?)")
+    if payload.get("version") != ARTIFACT_VERSION or payload.get("arch") != ARCH:
+        raise ModelArtifactError(f"{path}: unsupported artifact version {payload.get('version')!r} / "
+                                 f"arch {payload.get('arch')!r} (expected {ARTIFACT_VERSION} / {ARCH})")
+    for key, kind in (("state_dict", dict), ("class_names", list), ("preprocessing", dict),
+                      ("hyperparameters", dict)):
+        if not isinstance(payload.get(key), kind):
+            raise ModelArtifactError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    class_names = payload["class_names"]
+    if not class_names or not all(isinstance(name, str) for name in class_names):
+        raise ModelArtifactError(f"{path}: field 'class_names' must be a non-empty list of strings")
+    model = resnet18(weights=None, num_classes=len(class_names))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as error:
+        raise ModelArtifactError(f"{path}: weights do not fit resnet18 with {len(class_names)} classes: {error}") from error
+    model.eval()
+    info = {key: value for key, value in payload.items() if key != "state_dict"}
+    return model, info

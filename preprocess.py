@@ -1,0 +1,781 @@
+"""Images (s3://bucket/prefix/ or a local folder) -> resized uint8 arrays -> pickles + summary.
+
+    python preprocess.py --input s3://animal-classification-dss-works/data/ --output-dir ./output
+    python preprocess.py --input ./data --output-dir ./output                # same layout, local folder
+    python preprocess.py --output-dir ./output                               # --input defaults to ./data
+    python preprocess.py --input ./data --output-dir ./output --limit 200    # quick run: 200 ids per split
+    python preprocess.py --input ./new_deployment/ --output-dir ./new_out    # images only, no CSVs: all test
+    python preprocess.py --input s3://bucket/data/ --output-dir s3://bucket/preprocessed/
+    AWS_ENDPOINT_URL=http://localhost:9000 python preprocess.py --input s3://bucket/data/ --output-dir ./output
+    AWS_REQUEST_CHECKSUM_CALCULATION=when_required python preprocess.py ...  # S3-compatible stores
+    python preprocess.py --input ./data --output-dir ./output --num-shards 4 --shard-index 0   # 1 of 4 runs
+
+Input layout (Conser-vision): train_labels.csv (id + one-hot class columns, or id + label),
+train_features.csv / test_features.csv (id, filepath, site), images in train_features/ and
+test_features/. The image for an id is its ``filepath`` (relative to the input root), else
+``<train-dir>/<id>.<jpg|jpeg|png|no extension>``. A folder/prefix with no CSVs at all is taken as
+test images, ids from the file names.
+
+Pipeline: list (paginated) -> download (threads) -> decode + resize (processes) -> each array goes
+straight into a preallocated (N, S, S, 3) uint8 block, rows in sorted-id order -> write, atomically:
+train_data.pkl, test_data.pkl (see dss/dataset.py), train_metadata.csv, test_metadata.csv,
+preprocessing_summary.txt and preprocessing_summary.json. Every skipped object is listed in both
+summaries with its key and reason; per split, listed = written + skipped. Re-running on the same
+input gives byte-identical pickles (nothing from the clock goes into them; timings live under the
+summaries' "timing" keys only). A download that fails after all retries is skipped and recorded;
+the run fails when every image of a split is skipped. This script never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from tqdm import tqdm
+
+from dss import config, dataset, fileio, images, labels, sources
+
+DEFAULT_INPUT = "./data"
+BUCKET_EXAMPLE = "s3://animal-classification-dss-works/data/"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no extension is accepted too
+SUMMARY_NAME = "preprocessing_summary"
+DECODE_BATCH = 8            # images per task sent to a decode process (amortises IPC)
+SPLIT_TITLES = {"train": "TRAINING", "test": "TEST"}  # the prototype's stage lines
+METADATA_COLUMNS = ("id", "site", "label", "source_key", "orig_width", "orig_height", "orig_mode", "was_grey")
+
+
+class PreprocessError(RuntimeError):
+    """The run cannot produce a usable dataset; the message says why and what to do."""
+
+
+def usage_hint() -> str:
+    return ("Run it on the team's bucket or on a local copy in the same layout:\n"
+            f"  python preprocess.py --input {BUCKET_EXAMPLE} --output-dir ./output\n"
+            "  python preprocess.py --input ./data --output-dir ./output")
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Layout:
+    """Names inside the input root (the --train-labels ... --test-dir flags)."""
+
+    train_labels: str = "train_labels.csv"
+    train_features: str = "train_features.csv"
+    test_features: str = "test_features.csv"
+    train_dir: str = "train_features"
+    test_dir: str = "test_features"
+
+
+@dataclass
+class Item:
+    """One image to fetch. ``label`` is a class index or -1 (test); ``csv_row`` the 0-based data row
+    of the id in its features (test) / labels (train) CSV, or -1 when there is no CSV."""
+
+    id: str
+    key: str
+    size: int
+    site: str = ""
+    label: int = -1
+    csv_row: int = -1
+
+
+@dataclass
+class SplitPlan:
+    name: str
+    source: str                                        # where the images come from, for logs
+    items: list[Item] = field(default_factory=list)    # sorted by id
+    skipped: list[dict] = field(default_factory=list)  # decided before any download
+    has_labels: bool = False
+    has_csv_rows: bool = False
+    notes: dict = field(default_factory=dict)          # B5 counts etc. (deterministic)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def listed(self) -> int:
+        return len(self.items) + len(self.skipped)
+
+
+def id_from_key(key: str) -> str | None:
+    """The sample id of an object key: its file name without an image extension (any case).
+
+    ``a/ZJ000001.JPG`` -> ``ZJ000001``; ``a/ZJ000001`` -> ``ZJ000001``; hidden files and other
+    extensions (``notes.txt``) -> None (not an image candidate).
+    """
+    name = PurePosixPath(key).name
+    if not name or name.startswith("."):
+        return None
+    stem, dot, extension = name.rpartition(".")
+    if not dot:
+        return name
+    if stem and "." + extension.lower() in IMAGE_SUFFIXES:
+        return stem
+    return None
+
+
+def _normalise_filepath(filepath: str) -> str:
+    return filepath.strip().replace("\\", "/").removeprefix("./").lstrip("/")
+
+
+def _skip(key: str, image_id: str, reason: str, message: str, csv_row: int = -1) -> dict:
+    entry = {"key": key, "id": image_id, "reason": reason, "message": message}
+    if csv_row >= 0:
+        entry["csv_row"] = csv_row
+    return entry
+
+
+def _stem_index(infos: list[sources.ObjectInfo], folder: str) -> tuple[dict[str, list[sources.ObjectInfo]], list[str]]:
+    """Objects directly inside ``folder``, grouped by id; plus the keys that are not image candidates."""
+    prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+    by_id: dict[str, list[sources.ObjectInfo]] = {}
+    ignored = []
+    for info in infos:
+        if not info.key.startswith(prefix) or "/" in info.key[len(prefix):]:
+            continue
+        image_id = id_from_key(info.key)
+        if image_id is None:
+            ignored.append(info.key)
+        else:
+            by_id.setdefault(image_id, []).append(info)
+    return by_id, ignored
+
+
+def plan_from_stems(name: str, infos: list[sources.ObjectInfo], source_text: str) -> SplitPlan:
+    """A test split from image files alone: ids are the file stems, site "" (no CSV).
+
+    Two keys whose ids match ignoring case (``a.jpg``, ``A.JPG``, ``x/a.png``) are a conflict: the
+    first key in sorted order is used, the others are skipped as ``duplicate_id`` (A13)."""
+    plan = SplitPlan(name=name, source=source_text)
+    first_by_folded: dict[str, sources.ObjectInfo] = {}
+    ignored = []
+    for info in infos:  # sorted by key
+        image_id = id_from_key(info.key)
+        if image_id is None:
+            ignored.append(info.key)
+            continue
+        folded = image_id.casefold()
+        kept = first_by_folded.get(folded)
+        if kept is not None:
+            plan.skipped.append(_skip(info.key, image_id, "duplicate_id",
+                                      f"id '{image_id}' (ignoring case) is already taken by {kept.key}"))
+            continue
+        first_by_folded[folded] = info
+        plan.items.append(Item(id=image_id, key=info.key, size=info.size))
+    if ignored:
+        plan.notes["ignored_keys"] = {"count": len(ignored), "examples": ignored[:20]}
+        plan.warnings.append(f"{len(ignored)} object(s) without a .jpg/.jpeg/.png/no extension ignored, "
+                             f"e.g. {ignored[:3]}")
+    return plan
+
+
+def _resolve(image_id: str, filepath: str | None, keys: dict[str, sources.ObjectInfo],
+             fallback: dict[str, list[sources.ObjectInfo]], folder: str) -> tuple[sources.ObjectInfo | None, str]:
+    """The object for an id: its CSV filepath, else ``<folder>/<id>.<ext>``; plus the key tried."""
+    if filepath:
+        wanted = _normalise_filepath(filepath)
+        if wanted in keys:
+            return keys[wanted], wanted
+    candidates = fallback.get(image_id, [])
+    tried = _normalise_filepath(filepath) if filepath else f"{folder.strip('/')}/{image_id}.jpg"
+    return (candidates[0] if candidates else None), tried
+
+
+def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, features, keys: dict,
+                  infos: list[sources.ObjectInfo], folder: str, source_text: str) -> SplitPlan:
+    """A split whose ids come from a CSV. ``label_of`` is None for test; ``features`` may be None.
+
+    Ids without an object are skipped as ``missing_object`` (B5); objects in ``folder`` that no id
+    refers to are counted under ``notes.unreferenced_objects``. Two ids on one object: the later
+    id is skipped (``shared_object``)."""
+    plan = SplitPlan(name=name, source=source_text, has_labels=label_of is not None, has_csv_rows=True)
+    feature_row = {}
+    if features is not None:
+        for row, image_id in enumerate(features.ids):
+            feature_row[image_id] = (row, features.filepaths[row], features.sites[row])
+    fallback, ignored = _stem_index(infos, folder)
+    for image_id, candidates in sorted(fallback.items()):
+        if len(candidates) > 1:
+            plan.warnings.append(f"id '{image_id}' has {len(candidates)} files in {folder}/: "
+                                 f"{[c.key for c in candidates]}; using {candidates[0].key} when no filepath says")
+    used_keys: dict[str, str] = {}
+    without_features = 0
+    for row, image_id in enumerate(ids):
+        filepath, site = None, ""
+        if image_id in feature_row:
+            feature_index, filepath, site = feature_row[image_id]
+            if label_of is None:
+                row = feature_index
+        elif features is not None:
+            without_features += 1
+        info, tried = _resolve(image_id, filepath, keys, fallback, folder)
+        if info is None:
+            plan.skipped.append(_skip(tried, image_id, "missing_object",
+                                      f"no object for id '{image_id}' (looked for {tried} and {folder}/{image_id}.*)",
+                                      csv_row=row))
+            continue
+        if info.key in used_keys:
+            plan.skipped.append(_skip(info.key, image_id, "shared_object",
+                                      f"object {info.key} already used for id '{used_keys[info.key]}'", csv_row=row))
+            continue
+        used_keys[info.key] = image_id
+        label = label_of[image_id] if label_of is not None else -1
+        plan.items.append(Item(id=image_id, key=info.key, size=info.size, site=site or "", label=label, csv_row=row))
+    plan.items.sort(key=lambda item: item.id)
+    plan.skipped.sort(key=lambda entry: entry["id"])
+    unreferenced = sorted(c.key for group in fallback.values() for c in group if c.key not in used_keys)
+    plan.notes["ids_without_object"] = sum(1 for s in plan.skipped if s["reason"] == "missing_object")
+    plan.notes["unreferenced_objects"] = {"count": len(unreferenced), "examples": unreferenced[:20]}
+    if unreferenced:
+        plan.warnings.append(f"{len(unreferenced)} object(s) in {folder}/ have no row in the CSV "
+                             f"(not used), e.g. {unreferenced[:3]}")
+    if plan.notes["ids_without_object"]:
+        plan.warnings.append(f"{plan.notes['ids_without_object']} id(s) in the CSV have no image object")
+    if features is not None:
+        plan.notes["ids_without_features_row"] = without_features
+        if without_features:
+            plan.warnings.append(f"{without_features} labelled id(s) have no row in the features CSV (site unknown)")
+    if ignored:
+        plan.notes["ignored_keys"] = {"count": len(ignored), "examples": ignored[:20]}
+    return plan
+
+
+def limit_and_shard(plan: SplitPlan, limit: int | None, shard_index: int, num_shards: int) -> SplitPlan:
+    """Keep the first ``limit`` ids (sorted), then this shard's contiguous share of them."""
+    entries = sorted([(item.id, 0, item) for item in plan.items] + [(s["id"], 1, s) for s in plan.skipped],
+                     key=lambda entry: (entry[0], entry[1]))
+    if limit is not None:
+        entries = entries[:limit]
+    if num_shards > 1:
+        count = len(entries)
+        entries = entries[shard_index * count // num_shards:(shard_index + 1) * count // num_shards]
+    plan.items = [entry[2] for entry in entries if entry[1] == 0]
+    plan.skipped = [entry[2] for entry in entries if entry[1] == 1]
+    return plan
+
+
+def _read_csv_table(source: sources.Source, key: str, reader):
+    """Run a dss.labels reader on a CSV of the source; messages name its full location."""
+    try:
+        data = source.read(key)
+    except sources.ObjectSkip as skip:
+        raise PreprocessError(f"cannot read the CSV: {skip}") from None
+    return reader(source.describe(key), data=data)
+
+
+@dataclass
+class Plan:
+    splits: list[SplitPlan]
+    class_names: list[str]
+    csv_problems: list[dict]
+    warnings: list[str]
+    mode: str  # "csv" or "images_only"
+    label_of: dict[str, int] | None = None  # the labels CSV, id -> class index (train)
+
+
+def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
+    """List the input once and decide, per split, which id comes from which object."""
+    log(f"Listing {source.describe()} ...")
+    infos = source.list("")
+    keys = {info.key: info for info in infos}
+    log(f"Found {len(infos)} objects")
+    csv_present = [name for name in (layout.train_labels, layout.train_features, layout.test_features) if name in keys]
+    if not csv_present:
+        images_only = [info for info in infos if id_from_key(info.key) is not None]
+        if not images_only:
+            raise PreprocessError(f"nothing usable in {source.describe()}: no {layout.train_labels}, "
+                                  f"{layout.test_features} or .jpg/.jpeg/.png objects.\n{usage_hint()}")
+        log(f"No CSVs in {source.describe()}: treating all {len(images_only)} images as TEST images")
+        plan = plan_from_stems("test", infos, source.describe())
+        return Plan([plan], [], [], [], "images_only")
+
+    if layout.train_features in keys and layout.train_labels not in keys:
+        raise PreprocessError(f"{source.describe(layout.train_features)} exists but {layout.train_labels} does "
+                              "not; pass --train-labels NAME if the labels file has another name")
+    csv_problems, warnings = [], []
+    splits, class_names, label_of = [], [], None
+    if layout.train_labels in keys:
+        table = _read_csv_table(source, layout.train_labels, labels.read_labels)
+        _collect_problems(table, csv_problems, warnings)
+        class_names = list(table.class_names)
+        label_of = {image_id: int(label) for image_id, label in zip(table.ids, table.labels)}
+        log(f"Labels loaded: {len(table.ids)} rows, {len(class_names)} classes")
+        features = None
+        if layout.train_features in keys:
+            features = _read_csv_table(source, layout.train_features, labels.read_features)
+            _collect_problems(features, csv_problems, warnings)
+            labelled = set(label_of)
+            unlabelled = [image_id for image_id in features.ids if image_id not in labelled]
+            if unlabelled:
+                warnings.append(f"{len(unlabelled)} id(s) in {layout.train_features} have no label "
+                                f"(not used), e.g. {unlabelled[:3]}")
+        plan = plan_from_csv("train", list(table.ids), label_of, features, keys, infos, layout.train_dir,
+                             source.describe(layout.train_dir + "/"))
+        if features is not None:
+            plan.notes["features_rows_without_label"] = sum(1 for i in features.ids if i not in label_of)
+        splits.append(plan)
+    if layout.test_features in keys:
+        features = _read_csv_table(source, layout.test_features, labels.read_features)
+        _collect_problems(features, csv_problems, warnings)
+        splits.append(plan_from_csv("test", list(features.ids), None, features, keys, infos, layout.test_dir,
+                                    source.describe(layout.test_dir + "/")))
+    else:
+        test_infos = [info for info in infos if info.key.startswith(layout.test_dir.strip("/") + "/")]
+        if test_infos:
+            log(f"No {layout.test_features}: test ids from the file names in {layout.test_dir}/")
+            splits.append(plan_from_stems("test", test_infos, source.describe(layout.test_dir + "/")))
+    return Plan(splits, class_names, csv_problems, warnings, "csv", label_of)
+
+
+def _collect_problems(table, problems: list[dict], warnings: list[str]) -> None:
+    for problem in table.problems:
+        problems.append({"file": str(problem.file), "line": problem.line, "id": problem.id, "reason": problem.reason})
+    warnings.extend(str(warning) for warning in table.warnings)
+
+
+# --------------------------------------------------------------------------- decoding
+def decode_batch(batch: list[tuple[int, bytes]], image_size: int, policy: str, max_pixels: int):
+    """Runs in a worker process: [(row, bytes)] -> [(row, array or None, info or (reason, message))]."""
+    results = []
+    for row, data in batch:
+        try:
+            array, info = images.decode_and_resize(data, image_size, policy, max_pixels)
+            results.append((row, array, info))
+        except images.ImageSkip as skip:
+            results.append((row, None, (skip.reason, str(skip))))
+        except Exception as exc:  # a decoder bug must not lose the other images: record it by name
+            results.append((row, None, ("unexpected_error", f"{type(exc).__name__}: {exc}")))
+    return results
+
+
+def _decode_pool(workers: int) -> ProcessPoolExecutor | None:
+    if workers <= 1:
+        return None
+    # forkserver: workers start from a clean process, not a fork of one running download threads.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    for _ in range(workers):
+        pool.submit(int)  # a no-op per worker: processes start now, in the background
+    return pool
+
+
+@dataclass
+class SplitResult:
+    plan: SplitPlan
+    data: dict | None                 # the pickle dict (None when nothing was written)
+    skipped: list[dict]
+    seconds: float
+    source_stats: dict
+
+
+def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str], image_size: int,
+                  policy: str, max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
+                  source_uri: str, quiet: bool) -> SplitResult:
+    """Download and decode every item of ``plan``; rows of the result are in ``plan.items`` order."""
+    started = time.perf_counter()
+    stats_before = source.stats.as_dict()
+    items = plan.items
+    count = len(items)
+    block = np.empty((count, image_size, image_size, 3), dtype=np.uint8)  # (N, S, S, 3), filled by row
+    written = np.zeros(count, dtype=bool)
+    decoded_info: list[dict | None] = [None] * count
+    skipped = list(plan.skipped)
+
+    rows_by_key = {}
+    for row, item in enumerate(items):
+        try:
+            source.check_size(sources.ObjectInfo(item.key, item.size))
+        except sources.ObjectSkip as skip:
+            skipped.append(_skip(item.key, item.id, skip.reason, str(skip), item.csv_row))
+            continue
+        if item.size == 0:
+            skipped.append(_skip(item.key, item.id, "empty", "zero-byte object (from the listing)", item.csv_row))
+            continue
+        rows_by_key[item.key] = row
+
+    def take(results):
+        for row, array, info in results:
+            if array is None:
+                reason, message = info
+                item = items[row]
+                skipped.append(_skip(item.key, item.id, reason, message, item.csv_row))
+            else:
+                block[row] = array
+                written[row] = True
+                decoded_info[row] = info
+            progress.update(1)
+
+    progress = tqdm(total=len(rows_by_key), desc=plan.name, unit="img",
+                    disable=quiet or not sys.stderr.isatty())
+    pending = set()
+    batch: list[tuple[int, bytes]] = []
+    max_pending = 4 * workers  # decode tasks in flight: keeps every process busy, bounds memory
+    try:
+        for key, result in source.fetch_many(list(rows_by_key), threads=download_threads):
+            row = rows_by_key[key]
+            if isinstance(result, sources.ObjectSkip):
+                skipped.append(_skip(key, items[row].id, result.reason, str(result), items[row].csv_row))
+                progress.update(1)
+                continue
+            batch.append((row, result))
+            if len(batch) < DECODE_BATCH:
+                continue
+            if pool is None:
+                take(decode_batch(batch, image_size, policy, max_pixels))
+            else:
+                pending.add(pool.submit(decode_batch, batch, image_size, policy, max_pixels))
+                while len(pending) >= max_pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        take(future.result())
+            batch = []
+        if batch:
+            if pool is None:
+                take(decode_batch(batch, image_size, policy, max_pixels))
+            else:
+                pending.add(pool.submit(decode_batch, batch, image_size, policy, max_pixels))
+        for future in pending:
+            take(future.result())
+    except BrokenProcessPool as exc:
+        raise PreprocessError(f"a decode worker process died ({exc}); it was probably killed for memory: "
+                              "try fewer --workers") from exc
+    finally:
+        progress.close()
+
+    skipped.sort(key=lambda entry: (entry["id"], entry["key"]))
+    seconds = time.perf_counter() - started
+    stats_after = source.stats.as_dict()
+    source_stats = {name: stats_after[name] - stats_before[name] for name in stats_after}
+    kept_rows = np.flatnonzero(written)
+    if len(kept_rows) == 0:
+        return SplitResult(plan, None, skipped, seconds, source_stats)
+
+    # Trim in place: move written rows up (sorted order is kept), then take the leading view.
+    for target, row in enumerate(kept_rows):
+        if target != row:
+            block[target] = block[row]
+    block = block[:len(kept_rows)]
+    kept = [items[row] for row in kept_rows]
+    infos = [decoded_info[row] for row in kept_rows]
+    data = {
+        "images": block,
+        # numpy string arrays: pickles then do not depend on which str objects happen to be shared.
+        "ids": np.array([item.id for item in kept], dtype=str),
+        "labels": np.array([item.label for item in kept], dtype=np.int64) if plan.has_labels else None,
+        "class_names": list(class_names),
+        "sites": np.array([item.site for item in kept], dtype=str),
+        "meta": {
+            "source_key": np.array([item.key for item in kept], dtype=str),
+            "orig_width": np.array([info["orig_width"] for info in infos], dtype=np.int64),
+            "orig_height": np.array([info["orig_height"] for info in infos], dtype=np.int64),
+            "orig_mode": np.array([info["orig_mode"] for info in infos], dtype=str),
+            "was_grey": np.array([info["was_grey"] for info in infos], dtype=bool),
+        },
+        "info": {
+            "format_version": dataset.FORMAT_VERSION,
+            "split": plan.name,
+            "image_size": image_size,
+            "resize_policy": policy,
+            "max_pixels": max_pixels,
+            "source": source_uri,
+            "listed": plan.listed,
+            "skipped": len(skipped),
+        },
+    }
+    if plan.has_csv_rows:
+        data["meta"]["csv_row"] = np.array([item.csv_row for item in kept], dtype=np.int64)
+    return SplitResult(plan, data, skipped, seconds, source_stats)
+
+
+def check_alignment(result: SplitResult, label_of: dict[str, int] | None) -> None:
+    """Labels never shift: row i's label is the CSV label of row i's id; ids sorted and unique."""
+    data = result.data
+    ids = data["ids"].tolist()
+    if ids != sorted(set(ids)):
+        raise AssertionError(f"{result.plan.name}: ids are not sorted and unique")
+    if label_of is not None:
+        expected = np.array([label_of[image_id] for image_id in ids], dtype=np.int64)
+        if not np.array_equal(expected, data["labels"]):
+            bad = int(np.flatnonzero(expected != data["labels"])[0])
+            raise AssertionError(f"{result.plan.name}: label of row {bad} (id {ids[bad]}) does not match the CSV")
+    if len(result.skipped) + len(ids) != result.plan.listed:
+        raise AssertionError(f"{result.plan.name}: listed {result.plan.listed} != written {len(ids)} + "
+                             f"skipped {len(result.skipped)}")
+
+
+# --------------------------------------------------------------------------- outputs
+def metadata_csv(data: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METADATA_COLUMNS)
+    meta = data["meta"]
+    names = data["class_names"]
+    for row, image_id in enumerate(data["ids"].tolist()):
+        label = names[int(data["labels"][row])] if data["labels"] is not None else ""
+        writer.writerow([image_id, data["sites"][row], label, meta["source_key"][row], int(meta["orig_width"][row]),
+                         int(meta["orig_height"][row]), meta["orig_mode"][row],
+                         "true" if meta["was_grey"][row] else "false"])
+    return buffer.getvalue()
+
+
+def split_summary(result: SplitResult) -> dict:
+    plan, data = result.plan, result.data
+    written = 0 if data is None else len(data["ids"])
+    summary = {
+        "source": plan.source,
+        "listed": plan.listed,
+        "written": written,
+        "skipped_count": len(result.skipped),
+        "skip_reasons": dict(sorted(Counter(entry["reason"] for entry in result.skipped).items())),
+        "skipped": result.skipped,
+    }
+    if data is not None:
+        if data["labels"] is not None:
+            counts = np.bincount(data["labels"], minlength=len(data["class_names"]))
+            summary["class_counts"] = {name: int(n) for name, n in zip(data["class_names"], counts)}
+        summary["site_counts"] = dict(sorted(Counter(data["sites"].tolist()).items()))
+        summary["grey_share"] = round(float(np.mean(data["meta"]["was_grey"])), 4)
+        sizes = Counter(f"{w}x{h}" for w, h in zip(data["meta"]["orig_width"].tolist(),
+                                                     data["meta"]["orig_height"].tolist()))
+        summary["orig_size_counts"] = dict(sorted(sizes.items(), key=lambda pair: (-pair[1], pair[0])))
+    summary["notes"] = plan.notes
+    summary["warnings"] = plan.warnings
+    summary["timing"] = {
+        "seconds": round(result.seconds, 3),
+        "images_per_second": round(written / result.seconds, 1) if result.seconds > 0 else None,
+        **result.source_stats,
+    }
+    return summary
+
+
+def summary_text(summary: dict) -> str:
+    lines = ["PREPROCESSING SUMMARY", "=" * 60,
+             f"input:         {summary['input']}",
+             f"output:        {summary['output']}",
+             f"image size:    {summary['image_size']} x {summary['image_size']} ({summary['resize_policy']})",
+             f"max pixels:    {summary['max_pixels']}",
+             f"classes:       {', '.join(summary['class_names']) or '(none: unlabelled images)'}",
+             f"wall time:     {summary['timing']['seconds']} s"]
+    for name, split in summary["splits"].items():
+        lines += ["", f"[{name}] from {split['source']}",
+                  f"  listed {split['listed']} = written {split['written']} + skipped {split['skipped_count']}"]
+        timing = split["timing"]
+        lines.append(f"  {timing['seconds']} s, {timing['images_per_second']} images/s")
+        if "class_counts" in split:
+            lines.append("  classes: " + ", ".join(f"{k} {v}" for k, v in split["class_counts"].items()))
+        if "site_counts" in split:
+            lines.append(f"  sites: {len(split['site_counts'])}; grey share {split['grey_share']:.1%}")
+        for reason, number in split["skip_reasons"].items():
+            lines.append(f"  skipped {reason}: {number}")
+        for entry in split["skipped"]:
+            lines.append(f"    - {entry['key']} (id {entry['id']}): {entry['reason']}: {entry['message']}")
+        for key, value in split["notes"].items():
+            lines.append(f"  {key}: {value}")
+        for warning in split["warnings"]:
+            lines.append(f"  warning: {warning}")
+    if summary["csv_problems"]:
+        lines += ["", f"CSV rows rejected: {len(summary['csv_problems'])}"]
+        lines += [f"  - {p['file']} line {p['line']} (id {p['id']}): {p['reason']}" for p in summary["csv_problems"]]
+    if summary["warnings"]:
+        lines += ["", "Warnings:"] + [f"  - {warning}" for warning in summary["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def _file_names(num_shards: int, shard_index: int) -> dict[str, str]:
+    suffix = "" if num_shards == 1 else f"-{shard_index:05d}-of-{num_shards:05d}"
+    names = {f"{split}_data": dataset.split_filename(split, shard_index if num_shards > 1 else None,
+                                                      num_shards if num_shards > 1 else None)
+             for split in dataset.SPLITS}
+    names.update({f"{split}_metadata": f"{split}_metadata{suffix}.csv" for split in dataset.SPLITS})
+    names["summary_json"] = f"{SUMMARY_NAME}{suffix}.json"
+    names["summary_txt"] = f"{SUMMARY_NAME}{suffix}.txt"
+    return names
+
+
+# --------------------------------------------------------------------------- the run
+def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size: int, policy: str,
+                 max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
+                 input_uri: str, limit: int | None, shard_index: int, num_shards: int, log, quiet: bool
+                 ) -> list[SplitResult]:
+    """Apply --limit/--shard, refuse empty datasets, then process every split (nothing written yet)."""
+    for split_plan in plan.splits:
+        limit_and_shard(split_plan, limit, shard_index, num_shards)
+    train_plan = next((p for p in plan.splits if p.name == "train"), None)
+    if train_plan is not None and train_plan.listed == 0 and num_shards == 1:
+        raise PreprocessError(f"empty dataset: {source.describe(layout.train_labels)} has no usable labelled "
+                              f"rows ({len(plan.csv_problems)} row(s) rejected)")
+    if not any(p.listed for p in plan.splits):
+        raise PreprocessError(f"empty dataset: no images to process in {source.describe()}.\n{usage_hint()}")
+    results = []
+    for number, split_plan in enumerate(plan.splits, start=1):
+        log(f"\n{number}. Processing {SPLIT_TITLES.get(split_plan.name, split_plan.name.upper())} images...")
+        log(f"Getting image list from {split_plan.source}")
+        unresolved = split_plan.listed - len(split_plan.items)
+        log(f"Found {len(split_plan.items)} images"
+            + (f" ({unresolved} listed ids are skipped before download: see the summary)" if unresolved else ""))
+        log(f"Processing {len(split_plan.items)} images...")
+        result = process_split(source, split_plan, plan.class_names, image_size, policy, max_pixels, pool,
+                               workers, download_threads, input_uri, quiet)
+        written = 0 if result.data is None else len(result.data["ids"])
+        reasons = Counter(entry["reason"] for entry in result.skipped)
+        log(f"Written {written}, skipped {len(result.skipped)}"
+            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
+            + f" in {result.seconds:.1f} s ({written / max(result.seconds, 1e-9):.1f} images/s)")
+        if result.data is None and split_plan.listed:
+            examples = "; ".join(f"{e['key']}: {e['reason']}" for e in result.skipped[:5])
+            raise PreprocessError(f"all {split_plan.listed} {split_plan.name} images were skipped, nothing "
+                                  f"to write (e.g. {examples})")
+        if result.data is not None:
+            check_alignment(result, plan.label_of if split_plan.has_labels else None)
+        results.append(result)
+    return results
+
+
+def run(source: sources.Source, output: sources.Output, input_uri: str, layout: Layout, image_size: int,
+        policy: str, max_pixels: int, workers: int, download_threads: int, limit: int | None = None,
+        shard_index: int = 0, num_shards: int = 1, quiet: bool = False) -> dict:
+    """The whole pipeline on an opened source and output; returns the summary dict."""
+    log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
+    started = time.perf_counter()
+    output.prepare()  # D4: fail before any download if the output is not writable
+    pool = _decode_pool(workers)  # started now so the workers boot while the listing runs
+    try:
+        plan = plan_dataset(source, layout, log)
+        results = process_plan(source, plan, layout, image_size, policy, max_pixels, pool, workers,
+                               download_threads, input_uri, limit, shard_index, num_shards, log, quiet)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    names = _file_names(num_shards, shard_index)
+    summary = {
+        "format_version": dataset.FORMAT_VERSION,
+        "input": input_uri,
+        "output": output.describe(),
+        "mode": plan.mode,
+        "image_size": image_size,
+        "resize_policy": policy,
+        "max_pixels": max_pixels,
+        "limit": limit,
+        "shard": {"index": shard_index, "count": num_shards},
+        "class_names": plan.class_names,
+        "files": {},
+        "splits": {},
+        "csv_problems": plan.csv_problems,
+        "warnings": plan.warnings,
+    }
+    log(f"\n{len(plan.splits) + 1}. Saving preprocessed data to {output.describe()}...")
+    to_publish = []
+    for result in results:
+        split = result.plan.name
+        summary["splits"][split] = split_summary(result)
+        if result.data is None:
+            continue
+        pickle_name, metadata_name = names[f"{split}_data"], names[f"{split}_metadata"]
+        dataset.save_split(output.staging_dir / pickle_name, result.data)
+        fileio.write_text(output.staging_dir / metadata_name, metadata_csv(result.data))
+        summary["files"][split] = {"pickle": pickle_name, "metadata": metadata_name}
+        to_publish += [pickle_name, metadata_name]
+    if num_shards == 1:
+        produced = set(to_publish)
+        stale = [names[f"{s}_{kind}"] for s in dataset.SPLITS for kind in ("data", "metadata")
+                 if names[f"{s}_{kind}"] not in produced]
+        for removed in output.remove_stale(stale):
+            log(f"Removed {removed} (left by an earlier run; this input has no such split)")
+    total_seconds = time.perf_counter() - started
+    total_written = sum(s["written"] for s in summary["splits"].values())
+    summary["timing"] = {"seconds": round(total_seconds, 3),
+                         "images_per_second": round(total_written / total_seconds, 1) if total_seconds else None,
+                         "workers": workers, "download_threads": download_threads}
+    fileio.write_json(output.staging_dir / names["summary_json"], summary)
+    fileio.write_text(output.staging_dir / names["summary_txt"], summary_text(summary))
+    output.publish(to_publish + [names["summary_txt"], names["summary_json"]])  # summary last: run complete
+    for name in to_publish:
+        if name.endswith(".pkl"):
+            size_mb = (output.staging_dir / name).stat().st_size / 1e6
+            log(f"Saved {output.describe(name)} ({size_mb:.1f} MB)")
+        else:
+            log(f"Saved {output.describe(name)}")
+    log(f"Saved {output.describe(names['summary_txt'])}")
+    log(f"Saved {output.describe(names['summary_json'])}")
+    log(f"\nPREPROCESSING COMPLETE: {total_written} images in {total_seconds:.1f} s")
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default=DEFAULT_INPUT,
+                        help=f"s3://bucket/prefix/ or a folder (default {DEFAULT_INPUT})")
+    parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/ (default ./output)")
+    parser.add_argument("--image-size", type=config.positive_int, default=224, help="stored square size in px")
+    parser.add_argument("--resize", choices=images.RESIZE_POLICIES, default="squash",
+                        help="squash (whole frame, default), crop (centre) or pad (black border)")
+    parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1,
+                        help="decode processes (default: all CPUs; 1 decodes in this process)")
+    parser.add_argument("--download-threads", type=config.positive_int, default=sources.DEFAULT_DOWNLOAD_THREADS,
+                        help="concurrent S3 downloads / file reads")
+    parser.add_argument("--endpoint-url", default=None,
+                        help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
+    parser.add_argument("--max-attempts", type=config.positive_int, default=sources.DEFAULT_MAX_ATTEMPTS,
+                        help="S3 attempts per request, first try included")
+    parser.add_argument("--read-timeout", type=float, default=sources.DEFAULT_READ_TIMEOUT_S,
+                        help="S3 socket read timeout in seconds")
+    parser.add_argument("--limit", type=config.positive_int, default=None, help="first N ids per split (quick runs)")
+    parser.add_argument("--max-pixels", type=config.positive_int, default=images.DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels than this (decompression bombs)")
+    parser.add_argument("--max-object-mb", type=float, default=sources.DEFAULT_MAX_OBJECT_BYTES / 2**20,
+                        help="refuse objects larger than this many MiB, from the listing, before download")
+    parser.add_argument("--train-labels", default=Layout.train_labels)
+    parser.add_argument("--train-features", default=Layout.train_features)
+    parser.add_argument("--test-features", default=Layout.test_features)
+    parser.add_argument("--train-dir", default=Layout.train_dir)
+    parser.add_argument("--test-dir", default=Layout.test_dir)
+    parser.add_argument("--num-shards", type=config.positive_int, default=1,
+                        help="split every split's sorted ids into K contiguous shards ...")
+    parser.add_argument("--shard-index", type=config.non_negative_int, default=0, help="... and process shard i")
+    parser.add_argument("--quiet", action="store_true", help="only errors")
+    args = parser.parse_args(argv)
+    if args.shard_index >= args.num_shards:
+        parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    layout = Layout(args.train_labels, args.train_features, args.test_features,
+                    args.train_dir.strip("/"), args.test_dir.strip("/"))
+    if not args.quiet:
+        print("=" * 60 + "\nIMAGE PREPROCESSING\n" + "=" * 60, flush=True)
+    output = None
+    try:
+        if not sources.is_s3_uri(args.input) and not Path(args.input).is_dir():
+            raise PreprocessError(f"input folder {args.input} does not exist.\n{usage_hint()}")
+        source = sources.open_source(args.input, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts,
+                                     read_timeout=args.read_timeout, download_threads=args.download_threads,
+                                     max_object_bytes=int(args.max_object_mb * 2**20))
+        output = sources.open_output(args.output_dir, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
+        run(source, output, args.input, layout, args.image_size, args.resize, args.max_pixels, args.workers,
+            args.download_threads, limit=args.limit, shard_index=args.shard_index, num_shards=args.num_shards,
+            quiet=args.quiet)
+    except (PreprocessError, sources.SourceError, labels.LabelsError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        config.write_sagemaker_failure(f"preprocess: {exc}")
+        return 2
+    finally:
+        if output is not None:
+            output.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""dss.checkpoint: atomic save, keep-last-2, sha256 manifests, fallback, refusal, RNG round trip."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dss import checkpoint as checkpoint_lib
+from tests.conftest import REPO_ROOT, clean_env
+
+FINGERPRINT = {"dataset_sha256": "abc", "num_classes": 3, "batch_size": 16, "learning_rate": 0.001}
+
+
+def _state(value: float) -> dict:
+    return {"model": {"weight": torch.full((2, 2), value)}, "history": [{"epoch": 1, "val_logloss": value}]}
+
+
+def test_save_load_round_trip_and_keep_last_two(tmp_path):
+    manager = checkpoint_lib.CheckpointManager(tmp_path, keep=2, log=lambda message: None)
+    for epoch in (1, 2, 3):
+        manager.save(_state(float(epoch)), epoch=epoch, step=epoch * 10, fingerprint=FINGERPRINT)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["ckpt-e00002-s000000020.json", "ckpt-e00002-s000000020.pt",
+                     "ckpt-e00003-s000000030.json", "ckpt-e00003-s000000030.pt"]
+    state, path = manager.load_latest(FINGERPRINT)
+    assert path.name == "ckpt-e00003-s000000030.pt"
+    assert state["epoch"] == 3 and state["step"] == 30
+    assert torch.equal(state["model"]["weight"], torch.full((2, 2), 3.0))
+    # The file itself is plain data: torch.load(weights_only=True) reads it.
+    assert torch.load(path, weights_only=True)["history"] == [{"epoch": 1, "val_logloss": 3.0}]
+
+
+def test_empty_folder_means_fresh_start(tmp_path):
+    assert checkpoint_lib.CheckpointManager(tmp_path / "missing").load_latest(FINGERPRINT) is None
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "no_manifest", "bad_manifest"])
+def test_corrupt_newest_falls_back_to_previous(tmp_path, damage):
+    messages = []
+    manager = checkpoint_lib.CheckpointManager(tmp_path, keep=2, log=messages.append)
+    manager.save(_state(1.0), epoch=1, step=10, fingerprint=FINGERPRINT)
+    newest = manager.save(_state(2.0), epoch=2, step=20, fingerprint=FINGERPRINT)
+    data = bytearray(newest.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    elif damage == "truncate":
+        newest.write_bytes(bytes(data[: len(data) // 3]))
+    elif damage == "no_manifest":
+        newest.with_suffix(".json").unlink()
+    else:
+        newest.with_suffix(".json").write_text("{not json", encoding="utf-8")
+    state, path = manager.load_latest(FINGERPRINT)
+    assert path.name == "ckpt-e00001-s000000010.pt"
+    assert state["epoch"] == 1
+    assert any(newest.name in message and "previous" in message for message in messages), messages
+
+
+def test_incompatible_checkpoint_is_refused_naming_the_difference(tmp_path):
+    manager = checkpoint_lib.CheckpointManager(tmp_path, log=lambda message: None)
+    manager.save(_state(1.0), epoch=1, step=10, fingerprint=FINGERPRINT)
+    other = dict(FINGERPRINT, dataset_sha256="def", learning_rate=0.01)
+    with pytest.raises(checkpoint_lib.CheckpointMismatchError) as error:
+        manager.load_latest(other)
+    message = str(error.value)
+    assert "dataset_sha256" in message and "learning_rate" in message
+    assert "batch_size" not in message
+    assert "new --checkpoint-dir" in message
+
+
+def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
+    generator = torch.Generator().manual_seed(7)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    manager = checkpoint_lib.CheckpointManager(tmp_path, log=lambda message: None)
+    manager.save({"rng": checkpoint_lib.capture_rng_state(generator)}, epoch=1, step=1, fingerprint=FINGERPRINT)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
+    # Move every stream on, then restore from the file.
+    random.random(), np.random.rand(), torch.rand(5), torch.rand(5, generator=generator)
+    state, _ = manager.load_latest(FINGERPRINT)
+    checkpoint_lib.restore_rng_state(state["rng"], generator)
+    again = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
+    assert again == expected
+
+
+def test_dataset_fingerprint_sees_one_pixel_and_one_label():
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1])
+    args = (["a", "b", "c", "d"], labels, ["x", "y"], ["s1", "s1", "s2", "s2"])
+    base = checkpoint_lib.dataset_fingerprint(images, *args)
+    assert base == checkpoint_lib.dataset_fingerprint(images.copy(), *args)
+    changed = images.copy()
+    changed[3, 7, 7, 2] = 1
+    assert checkpoint_lib.dataset_fingerprint(changed, *args) != base
+    assert checkpoint_lib.dataset_fingerprint(images, args[0], np.array([0, 1, 1, 1]), *args[2:]) != base
+
+
+def test_crafted_checkpoint_never_runs_code_even_when_env_forces_unsafe_load(tmp_path):
+    """E8: a checkpoint whose pickle calls os.system, with a *valid* manifest, and
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set: the explicit weights_only=True still refuses it."""
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "ckpt"
+    script = f"""
+import hashlib, json, os, torch
+from dss import checkpoint as c, fileio
+manager = c.CheckpointManager({str(folder)!r}, log=print)
+manager.save({{"ok": torch.zeros(1)}}, epoch=1, step=1, fingerprint={FINGERPRINT!r})
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + {str(marker)!r},))
+
+path = {str(folder)!r} + "/" + c.checkpoint_name(2, 2)
+torch.save({{"payload": Evil(), "fingerprint": {FINGERPRINT!r}}}, path)
+data = open(path, "rb").read()
+fileio.write_json(path[:-3] + ".json", {{"sha256": hashlib.sha256(data).hexdigest()}})
+state, used = manager.load_latest({FINGERPRINT!r})
+print("USED", os.path.basename(used))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env=clean_env(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not marker.exists()
+    assert "USED ckpt-e00001-s000000001.pt" in result.stdout
+    assert "ckpt-e00002-s000000002.pt skipped" in result.stdout

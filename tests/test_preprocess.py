@@ -1,0 +1,438 @@
+"""preprocess.py end to end: real subprocess runs on folders and on a moto S3 server over HTTP.
+
+S3 faults moto cannot produce (503s, 403s) are injected with botocore ``before-send`` hooks on the
+client the library creates; those tests drive ``preprocess.run`` in-process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import struct
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import preprocess
+from dss import dataset, images, sources
+from tests.conftest import FAKE_AWS_ENV, clean_env, run_script
+from tests.test_sources import CountingHook, error_response
+
+SIZE = 32  # stored px in these tests: small and fast
+
+
+# ---------------------------------------------------------------------------- helpers
+def jpeg(width=40, height=30, colour=(120, 60, 30), mode="RGB", exif_orientation=None) -> bytes:
+    image = Image.new(mode, (width, height), colour if mode != "CMYK" else (0, 128, 255, 0))
+    buffer = io.BytesIO()
+    kwargs = {}
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif.tobytes()
+    image.save(buffer, "JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def png(width=40, height=30, mode="RGBA", colour=(0, 200, 0, 128)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(side=20000) -> bytes:
+    """A 1-bit side x side PNG of zeros (~50 KB): Pillow must refuse it before allocating pixels."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def write_dataset(root: Path, train: dict, test: dict | None, classes=("cat", "dog"), labels_text: str | None = None):
+    """Conser-vision layout from {id: (bytes, class name, site)} and {id: (bytes, site)}."""
+    (root / "train_features").mkdir(parents=True, exist_ok=True)
+    rows = ["id," + ",".join(classes)]
+    features = ["id,filepath,site"]
+    for image_id, (data, class_name, site) in train.items():
+        if data is not None:
+            (root / "train_features" / f"{image_id}.jpg").write_bytes(data)
+        rows.append(image_id + "," + ",".join("1.0" if c == class_name else "0.0" for c in classes))
+        features.append(f"{image_id},train_features/{image_id}.jpg,{site}")
+    (root / "train_labels.csv").write_text(labels_text if labels_text is not None else "\n".join(rows) + "\n")
+    (root / "train_features.csv").write_text("\n".join(features) + "\n")
+    if test is not None:
+        (root / "test_features").mkdir(exist_ok=True)
+        lines = ["id,filepath,site"]
+        for image_id, (data, site) in test.items():
+            (root / "test_features" / f"{image_id}.jpg").write_bytes(data)
+            lines.append(f"{image_id},test_features/{image_id}.jpg,{site}")
+        (root / "test_features.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def upload_folder(s3_client, bucket: str, root: Path, prefix: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            s3_client.put_object(Bucket=bucket, Key=prefix + path.relative_to(root).as_posix(), Body=path.read_bytes())
+
+
+@pytest.fixture
+def bucket(s3_client):
+    name = f"pre-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+def run_ok(args, env=None, cwd=None):
+    result = run_script("preprocess.py", [*map(str, args)], env=env, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def read_summary(out: Path) -> dict:
+    summary = json.loads((out / "preprocessing_summary.json").read_text())
+    text = (out / "preprocessing_summary.txt").read_text()
+    for name, split in summary["splits"].items():
+        assert split["listed"] == split["written"] + split["skipped_count"] == split["written"] + len(split["skipped"])
+        for entry in split["skipped"]:  # every skip is in both summaries, with key and reason
+            assert entry["key"] and entry["reason"]
+            assert f"{entry['key']} (id {entry['id']}): {entry['reason']}" in text
+    return summary
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def without_timing(value):
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in ("timing", "output")}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- the main paths
+def test_folder_run_lines_up_with_the_csvs_and_reruns_identically(demo_data, tmp_path):
+    out = tmp_path / "out"
+    result = run_ok(["--input", demo_data, "--output-dir", out, "--image-size", SIZE, "--workers", 2])
+    assert "1. Processing TRAINING images..." in result.stdout and "Found 160 images" in result.stdout
+    assert f"Saved {out / 'train_data.pkl'}" in result.stdout
+
+    train = dataset.load_split(out, "train")
+    labels_csv = csv_rows(demo_data / "train_labels.csv")
+    class_names = list(labels_csv[0].keys())[1:]
+    assert train["class_names"] == class_names
+    label_of = {row["id"]: class_names.index(max(class_names, key=lambda c: float(row[c]))) for row in labels_csv}
+    site_of = {row["id"]: row["site"] for row in csv_rows(demo_data / "train_features.csv")}
+    assert train["ids"] == sorted(label_of)
+    assert train["labels"].tolist() == [label_of[i] for i in train["ids"]]
+    assert train["sites"] == [site_of[i] for i in train["ids"]]
+    assert train["images"].shape == (160, SIZE, SIZE, 3) and train["images"].dtype == np.uint8
+    # row i holds the image of id i: decode one file directly and compare
+    probe = train["ids"][17]
+    expected, _ = images.decode_and_resize((demo_data / "train_features" / f"{probe}.jpg").read_bytes(), SIZE)
+    assert np.array_equal(train["images"][17], expected)
+
+    test = dataset.load_split(out, "test")
+    assert test["labels"] is None and test["class_names"] == class_names and len(test["ids"]) == 40
+
+    metadata = csv_rows(out / "train_metadata.csv")
+    assert list(metadata[0].keys()) == list(preprocess.METADATA_COLUMNS)
+    assert [row["id"] for row in metadata] == train["ids"]
+    assert [row["label"] for row in metadata] == [class_names[label_of[i]] for i in train["ids"]]
+    assert metadata[0]["source_key"] == f"train_features/{train['ids'][0]}.jpg"
+    assert {row["label"] for row in csv_rows(out / "test_metadata.csv")} == {""}
+
+    summary = read_summary(out)
+    assert summary["splits"]["train"]["written"] == 160 and summary["splits"]["test"]["written"] == 40
+    assert sum(summary["splits"]["train"]["class_counts"].values()) == 160
+    assert summary["image_size"] == SIZE and summary["resize_policy"] == "squash"
+
+    # D5: the same input again gives byte-identical pickles and metadata, same summary but timings
+    before = {name: sha256(out / name) for name in ("train_data.pkl", "test_data.pkl", "train_metadata.csv",
+                                                    "test_metadata.csv")}
+    run_ok(["--input", demo_data, "--output-dir", out, "--image-size", SIZE, "--workers", 2, "--quiet"])
+    assert before == {name: sha256(out / name) for name in before}
+    assert without_timing(read_summary(out)) == without_timing(summary)
+
+
+def test_s3_input_and_s3_output_match_the_folder_run(demo_data, demo_pickles, s3_server, s3_client, bucket, tmp_path):
+    upload_folder(s3_client, bucket, demo_data, "data/")
+    out = f"s3://{bucket}/preprocessed/"
+    result = run_ok(["--input", f"s3://{bucket}/data/", "--output-dir", out, "--image-size", SIZE,
+                     "--download-threads", 8], env=s3_server["env"])
+    assert f"Saved s3://{bucket}/preprocessed/train_data.pkl" in result.stdout
+    local = tmp_path / "fetched"
+    local.mkdir()
+    for obj in s3_client.list_objects_v2(Bucket=bucket, Prefix="preprocessed/")["Contents"]:
+        (local / obj["Key"].split("/")[-1]).write_bytes(s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        ["train_data.pkl", "test_data.pkl", "train_metadata.csv", "test_metadata.csv",
+         "preprocessing_summary.txt", "preprocessing_summary.json"])
+    for split in ("train", "test"):
+        from_s3, from_folder = dataset.load_split(local, split), dataset.load_split(demo_pickles, split)
+        assert from_s3["ids"] == from_folder["ids"] and from_s3["sites"] == from_folder["sites"]
+        assert np.array_equal(from_s3["images"], from_folder["images"])
+        assert (from_s3["labels"] is None and from_folder["labels"] is None) or \
+            np.array_equal(from_s3["labels"], from_folder["labels"])
+    assert (local / "train_metadata.csv").read_bytes() == (demo_pickles / "train_metadata.csv").read_bytes()
+    assert read_summary(local)["input"] == f"s3://{bucket}/data/"
+
+
+def test_images_only_folder_becomes_test_split(tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for name in ("cam1_0001.jpg", "cam1_0002.JPG", "cam2_0003.png"):
+        (folder / name).write_bytes(jpeg() if not name.endswith("png") else png(mode="RGB", colour=(1, 2, 3)))
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    result = run_ok(["--input", folder, "--output-dir", out, "--image-size", SIZE, "--workers", 1])
+    assert "treating all 3 images as TEST images" in result.stdout
+    assert not (out / "train_data.pkl").exists()
+    test = dataset.load_split(out, "test")
+    assert test["ids"] == ["cam1_0001", "cam1_0002", "cam2_0003"]
+    assert test["labels"] is None and test["sites"] == ["", "", ""] and test["class_names"] == []
+    summary = read_summary(out)
+    assert summary["mode"] == "images_only" and summary["splits"]["test"]["notes"]["ignored_keys"]["count"] == 1
+
+
+def test_no_input_shows_both_commands_and_writes_nothing(tmp_path):
+    result = run_script("preprocess.py", ["--output-dir", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"python preprocess.py --input {preprocess.BUCKET_EXAMPLE} --output-dir ./output" in result.stderr
+    assert "python preprocess.py --input ./data --output-dir ./output" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "data").mkdir()  # present but empty: same advice
+    result = run_script("preprocess.py", ["--output-dir", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode != 0 and "--input ./data" in result.stderr
+    assert not list((tmp_path / "out").glob("*.pkl"))
+
+
+# ---------------------------------------------------------------------------- bad images (A)
+def test_bad_images_are_skipped_and_recorded(tmp_path):
+    good = jpeg(48, 32)
+    train = {
+        "good1": (good, "cat", "S1"),
+        "good2": (jpeg(48, 32, colour=(10, 200, 10)), "dog", "S2"),
+        "empty": (b"", "cat", "S1"),                                            # A1
+        "text": (b"hello, not an image", "dog", "S1"),                          # A2
+        "html": (b"<html><body>403 Forbidden</body></html>", "cat", "S1"),      # A2
+        "pdf": (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n", "dog", "S1"),  # A2: never Ghostscript
+        "trunc50": (good[: len(good) // 2], "cat", "S1"),                       # A3
+        "trunc100": (good[:100], "cat", "S1"),                                  # A3
+        "trunc10": (good[:10], "dog", "S1"),                                    # A3
+        "bomb": (bomb_png(), "cat", "S2"),                                      # A5
+        "rotated": (jpeg(40, 20, exif_orientation=6), "dog", "S2"),             # A9
+        "badexif": (jpeg(40, 20, exif_orientation=99), "dog", "S2"),            # A9
+        "cmyk": (jpeg(40, 30, mode="CMYK"), "cat", "S2"),                       # A10
+        "rgba": (png(40, 30), "dog", "S2"),                                     # A10 (PNG content, .jpg name)
+    }
+    root = write_dataset(tmp_path / "data", train, None)
+    out = tmp_path / "out"
+    run_ok(["--input", root, "--output-dir", out, "--image-size", SIZE, "--workers", 2])
+    summary = read_summary(out)
+    split = summary["splits"]["train"]
+    reasons = {entry["id"]: entry["reason"] for entry in split["skipped"]}
+    assert reasons == {"empty": "empty", "text": "not_an_image", "html": "not_an_image", "pdf": "unsupported_format",
+                       "trunc50": "truncated", "trunc100": "truncated", "trunc10": "truncated",
+                       "bomb": "decompression_bomb"}
+    assert split["listed"] == 14 and split["written"] == 6
+    data = dataset.load_split(out, "train")
+    assert data["ids"] == ["badexif", "cmyk", "good1", "good2", "rgba", "rotated"]
+    meta = {image_id: row for row in csv_rows(out / "train_metadata.csv") for image_id in [row["id"]]}
+    assert (meta["rotated"]["orig_width"], meta["rotated"]["orig_height"]) == ("20", "40")
+    assert (meta["badexif"]["orig_width"], meta["badexif"]["orig_height"]) == ("40", "20")
+    assert meta["cmyk"]["orig_mode"] == "CMYK" and meta["rgba"]["orig_mode"] == "RGBA"
+    assert data["images"].shape == (6, SIZE, SIZE, 3)
+    from PIL import ImageFile
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_odd_keys_on_s3_and_size_cap(s3_server, s3_client, bucket, tmp_path):
+    """A12 odd keys + dir markers, A13 same id twice, A7 too large (no CSVs: all test)."""
+    body = jpeg()
+    keys = ["new/ünï cödé.jpg", "new/a+b.jpg", "new/100%.JPG", "new/no_extension", "new/sp ace/x y.png",
+            "new/dup.jpg", "new/DUP.jpeg", "new/huge.jpg"]
+    for key in keys:
+        s3_client.put_object(Bucket=bucket, Key=key, Body=body if "huge" not in key else body + b"\0" * 300_000)
+    for marker in ("new/", "new/sp ace/", "new/empty_dir/"):
+        s3_client.put_object(Bucket=bucket, Key=marker, Body=b"")
+    out = tmp_path / "out"
+    run_ok(["--input", f"s3://{bucket}/new/", "--output-dir", out, "--image-size", SIZE, "--workers", 1,
+            "--max-object-mb", "0.2"], env=s3_server["env"])
+    test = dataset.load_split(out, "test")
+    assert test["ids"] == sorted(["ünï cödé", "a+b", "100%", "no_extension", "x y", "DUP"])
+    split = read_summary(out)["splits"]["test"]
+    assert {(e["key"], e["reason"]) for e in split["skipped"]} == {("dup.jpg", "duplicate_id"),
+                                                                   ("huge.jpg", "too_large")}
+    assert split["listed"] == 8
+
+
+# ---------------------------------------------------------------------------- labels (B)
+def _two_class_train(n=4):
+    return {f"id{i}": (jpeg(40, 30, colour=(i * 40, 10, 10)), ("cat", "dog")[i % 2], f"S{i % 2}") for i in range(n)}
+
+
+def test_conflicting_duplicate_ids_fail_the_run(tmp_path):
+    """B2: one id with two different labels is a hard error naming the id; nothing written."""
+    text = "id,cat,dog\nid0,1.0,0.0\nid1,0.0,1.0\nid0,0.0,1.0\n"
+    root = write_dataset(tmp_path / "data", _two_class_train(2), None, labels_text=text)
+    result = run_script("preprocess.py", ["--input", root, "--output-dir", tmp_path / "out", "--workers", 1])
+    assert result.returncode != 0 and "id0" in result.stderr
+    assert not list((tmp_path / "out").glob("*.pkl")) if (tmp_path / "out").exists() else True
+
+
+def test_ids_stay_strings_and_missing_objects_are_counted(tmp_path):
+    """B4: ids 00123 / 1e5 / NA are kept verbatim; B5: id without object and object without label
+    are counted; bad label rows (B1) are rejected with their line and the rest goes on."""
+    train = {"00123": (jpeg(), "cat", "S1"), "1e5": (jpeg(colour=(0, 0, 200)), "dog", "S1"),
+             "NA": (jpeg(colour=(0, 90, 0)), "cat", "S2"), "ghost": (None, "dog", "S2")}
+    root = write_dataset(tmp_path / "data", train, None)
+    (root / "train_features" / "stray.jpg").write_bytes(jpeg())
+    with open(root / "train_labels.csv", "a") as handle:
+        handle.write("badrow,cat,1.0\n")
+    out = tmp_path / "out"
+    run_ok(["--input", root, "--output-dir", out, "--image-size", SIZE, "--workers", 1])
+    data = dataset.load_split(out, "train")
+    assert data["ids"] == ["00123", "1e5", "NA"]
+    assert [data["class_names"][i] for i in data["labels"]] == ["cat", "dog", "cat"]
+    summary = read_summary(out)
+    split = summary["splits"]["train"]
+    assert split["notes"]["ids_without_object"] == 1
+    assert split["notes"]["unreferenced_objects"]["count"] == 1
+    assert [(e["id"], e["reason"]) for e in split["skipped"]] == [("ghost", "missing_object")]
+    assert any(problem["line"] == 6 for problem in summary["csv_problems"])
+
+
+def test_empty_labels_csv_fails_without_output(tmp_path):
+    """B7: a labels file with a header and no rows -> 'empty dataset' error, exit != 0, no pickle."""
+    root = write_dataset(tmp_path / "data", _two_class_train(2), None, labels_text="id,cat,dog\n")
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", root, "--output-dir", out, "--workers", 1])
+    assert result.returncode != 0 and "empty" in result.stderr.lower()
+    assert not (out / "train_data.pkl").exists() and not (out / "test_data.pkl").exists()
+
+
+def test_all_images_bad_fails_without_output(tmp_path):
+    train = {f"id{i}": (b"garbage", "cat", "S1") for i in range(3)}
+    root = write_dataset(tmp_path / "data", train, None)
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", root, "--output-dir", out, "--workers", 1])
+    assert result.returncode != 0 and "all 3 train images were skipped" in result.stderr
+    assert not (out / "train_data.pkl").exists()
+
+
+# ---------------------------------------------------------------------------- S3 faults (C)
+def _s3_dataset(s3_client, bucket, tmp_path, n=4):
+    root = write_dataset(tmp_path / "data", _two_class_train(n), None)
+    upload_folder(s3_client, bucket, root, "data/")
+
+
+def _run_in_process(s3_server, bucket, out, hook_event=None, hook=None, max_attempts=3):
+    source = sources.open_source(f"s3://{bucket}/data/", endpoint_url=s3_server["endpoint"], max_attempts=max_attempts)
+    if hook is not None:
+        source.client.meta.events.register(hook_event, hook)
+    output = sources.open_output(out)
+    return preprocess.run(source, output, f"s3://{bucket}/data/", preprocess.Layout(), SIZE, "squash",
+                          images.DEFAULT_MAX_PIXELS, workers=1, download_threads=2, quiet=True)
+
+
+def test_slowdown_retried_then_written(s3_server, s3_client, bucket, tmp_path):
+    """C2: 503 SlowDown twice, then success; every image written, retries counted under timing."""
+    _s3_dataset(s3_client, bucket, tmp_path)
+    failures = CountingHook(lambda request: error_response(request, 503, "SlowDown"), fail_times=2)
+
+    def images_only(request, **kwargs):  # the CSV downloads go through untouched
+        return failures(request) if "/train_features/" in request.url else None
+
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", images_only,
+                              max_attempts=4)
+    assert summary["splits"]["train"]["written"] == 4
+    assert summary["splits"]["train"]["timing"]["s3_retries"] == 2
+
+
+def test_slowdown_exhausted_on_one_key_is_recorded_with_request_id(s3_server, s3_client, bucket, tmp_path):
+    """C3: one key answers 503 on every attempt -> skipped, summary names bucket/key/request-id."""
+    _s3_dataset(s3_client, bucket, tmp_path)
+
+    def one_key(request, **kwargs):
+        if request.url.split("?")[0].endswith("/data/train_features/id2.jpg"):
+            return error_response(request, 503, "SlowDown")
+        return None
+
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", one_key)
+    (entry,) = summary["splits"]["train"]["skipped"]
+    assert entry["id"] == "id2" and entry["reason"] == "download_failed"
+    assert f"s3://{bucket}/data/train_features/id2.jpg" in entry["message"] and "REQ-SlowDown" in entry["message"]
+    assert dataset.load_split(tmp_path / "out", "train")["ids"] == ["id0", "id1", "id3"]
+
+
+def test_every_key_failing_fails_the_run_without_pickle(s3_server, s3_client, bucket, tmp_path):
+    _s3_dataset(s3_client, bucket, tmp_path)
+    def images_fail(request, **kwargs):
+        return error_response(request, 503, "SlowDown") if "/train_features/" in request.url else None
+
+    with pytest.raises(preprocess.PreprocessError, match="all 4 train images were skipped"):
+        _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", images_fail, max_attempts=2)
+    assert not (tmp_path / "out" / "train_data.pkl").exists()
+
+
+def test_access_denied_stops_at_once_without_pickle(s3_server, s3_client, bucket, tmp_path):
+    """C5: a 403 on a download is not retried and stops the run."""
+    _s3_dataset(s3_client, bucket, tmp_path)
+    hook = CountingHook(lambda request: error_response(request, 403, "AccessDenied"), fail_times=10**6)
+    with pytest.raises(sources.SourceError, match="AccessDenied"):
+        _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", hook, max_attempts=5)
+    assert hook.calls <= 2  # one per download thread at most, never retried
+    assert not (tmp_path / "out" / "train_data.pkl").exists()
+
+
+def test_object_deleted_after_listing_is_recorded(s3_server, s3_client, bucket, tmp_path):
+    """C6: id1's object is deleted just before its GET (after the listing) -> missing, recorded."""
+    _s3_dataset(s3_client, bucket, tmp_path)
+
+    def delete_first(request, **kwargs):
+        if request.url.split("?")[0].endswith("/data/train_features/id1.jpg"):
+            s3_client.delete_object(Bucket=bucket, Key="data/train_features/id1.jpg")
+        return None
+
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", delete_first)
+    (entry,) = summary["splits"]["train"]["skipped"]
+    assert (entry["id"], entry["reason"]) == ("id1", "missing") and "NoSuchKey" in entry["message"]
+
+
+def test_no_credentials_fails_before_any_work(s3_server, tmp_path):
+    """C11: no credentials anywhere -> botocore's message verbatim, exit != 0, nothing written."""
+    env = clean_env(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+                    AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_ENDPOINT_URL=s3_server["endpoint"])
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", "s3://some-bucket/data/", "--output-dir", out], env=env)
+    assert result.returncode != 0
+    assert "Unable to locate credentials" in result.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_download(demo_data, tmp_path):
+    """D4: the output path is under a regular file -> error before any image is read."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", blocker / "out"])
+    assert result.returncode != 0 and "cannot create output folder" in result.stderr
+    assert "Processing" not in result.stdout
