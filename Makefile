@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_DIR := data/demo
+DEMO_DIR := data
 DEMO_OUT := output
 DEMO_MODELS := models
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) -m dss.sample $(DEMO_DIR)
 	$(PY) preprocess.py --input $(DEMO_DIR) --output-dir $(DEMO_OUT) --image-size 64
-	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 6 --batch-size 64
+	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 8 --batch-size 64
 
 test: venv
 	$(PY) -m pytest -q

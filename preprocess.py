@@ -14,7 +14,8 @@ Input layout (Conser-vision): train_labels.csv (id + one-hot class columns, or i
 train_features.csv / test_features.csv (id, filepath, site), images in train_features/ and
 test_features/. The image for an id is its ``filepath`` (relative to the input root), else
 ``<train-dir>/<id>.<jpg|jpeg|png|no extension>``. A folder/prefix with no CSVs at all is taken as
-test images, ids from the file names.
+test images, ids from the file names; but when a subfolder holds the CSVs (``./data/demo/``), the
+run stops and names that folder for ``--input`` rather than mixing every image below into TEST.
 
 Pipeline: list (paginated) -> download (threads) -> decode + resize (processes) -> each array goes
 straight into a preallocated (N, S, S, 3) uint8 block, rows in sorted-id order -> write, atomically:
@@ -23,13 +24,17 @@ preprocessing_summary.txt and preprocessing_summary.json. Every skipped object i
 summaries with its key and reason; per split, listed = written + skipped. Re-running on the same
 input gives byte-identical pickles (nothing from the clock goes into them; timings live under the
 summaries' "timing" keys only). A download that fails after all retries is skipped and recorded;
-the run fails when every image of a split is skipped. This script never imports torch.
+the run fails when every image of a split is skipped. S3 bodies are checked against S3's
+checksum (or an MD5 ETag) and refetched when they arrived corrupt (see dss/sources.py). A write
+that fails (disk full) stops the run with the path and errno; nothing partial is left under a
+final name. This script never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import multiprocessing
 import os
@@ -282,6 +287,17 @@ class Plan:
     label_of: dict[str, int] | None = None  # the labels CSV, id -> class index (train)
 
 
+def nested_dataset_folders(infos: list[sources.ObjectInfo], layout: Layout) -> dict[str, list[str]]:
+    """Subfolders that hold one of the layout's CSVs: {folder: [CSV names]}, folders sorted."""
+    csv_names = {layout.train_labels, layout.train_features, layout.test_features}
+    found: dict[str, list[str]] = {}
+    for info in infos:
+        path = PurePosixPath(info.key)
+        if path.name in csv_names and len(path.parts) > 1:
+            found.setdefault(str(path.parent), []).append(path.name)
+    return dict(sorted(found.items()))
+
+
 def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
     """List the input once and decide, per split, which id comes from which object."""
     log(f"Listing {source.describe()} ...")
@@ -290,6 +306,18 @@ def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
     log(f"Found {len(infos)} objects")
     csv_present = [name for name in (layout.train_labels, layout.train_features, layout.test_features) if name in keys]
     if not csv_present:
+        nested = nested_dataset_folders(infos, layout)
+        if nested:
+            # A dataset one level down (./data/demo/train_labels.csv): images-only mode would take its
+            # train images as unlabelled TEST images and replace the outputs of a real run.
+            folder, names = next(iter(nested.items()))
+            location = source.describe(folder + "/")
+            others = [source.describe(other + "/") for other in list(nested)[1:]]
+            raise PreprocessError(
+                f"{source.describe()} has no {layout.train_labels} or {layout.test_features} at its top level, "
+                f"but {location} has {', '.join(sorted(names))}: the dataset is in that subfolder. Run with "
+                f"--input {location}" + (f" (other dataset folders: {', '.join(others[:5])})" if others else "")
+                + ". Nothing was written.")
         images_only = [info for info in infos if id_from_key(info.key) is not None]
         if not images_only:
             raise PreprocessError(f"nothing usable in {source.describe()}: no {layout.train_labels}, "
@@ -602,6 +630,27 @@ def _file_names(num_shards: int, shard_index: int) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- the run
+def _write(path: Path, writer, content) -> None:
+    """``writer(path, content)``; an OSError that names no file (write() on a full disk) gets ``path``."""
+    try:
+        writer(path, content)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: the path, what it means and the errno name (ENOSPC -> disk full)."""
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else type(exc).__name__
+    where = exc.filename if exc.filename is not None else "(no path given)"
+    detail = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full while writing {where} ({code}: {detail}); free some space or pick another "
+                "--output-dir. No partial file was left under a final name")
+    return f"{where}: {detail} ({code})"
+
+
 def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size: int, policy: str,
                  max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
                  input_uri: str, limit: int | None, shard_index: int, num_shards: int, log, quiet: bool
@@ -681,23 +730,28 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
         if result.data is None:
             continue
         pickle_name, metadata_name = names[f"{split}_data"], names[f"{split}_metadata"]
-        dataset.save_split(output.staging_dir / pickle_name, result.data)
-        fileio.write_text(output.staging_dir / metadata_name, metadata_csv(result.data))
+        _write(output.staging_dir / pickle_name, dataset.save_split, result.data)
+        _write(output.staging_dir / metadata_name, fileio.write_text, metadata_csv(result.data))
         summary["files"][split] = {"pickle": pickle_name, "metadata": metadata_name}
         to_publish += [pickle_name, metadata_name]
     if num_shards == 1:
         produced = set(to_publish)
         stale = [names[f"{s}_{kind}"] for s in dataset.SPLITS for kind in ("data", "metadata")
                  if names[f"{s}_{kind}"] not in produced]
-        for removed in output.remove_stale(stale):
-            log(f"Removed {removed} (left by an earlier run; this input has no such split)")
+        removed = output.remove_stale(stale)
+        for path in removed:
+            log(f"Removed {path} (left by an earlier run; this input has no such split)")
+        if removed:
+            summary["removed_stale_files"] = removed
+            summary["warnings"].append(f"removed {len(removed)} file(s) an earlier run left in the output, "
+                                       f"for splits this input does not have: {', '.join(removed)}")
     total_seconds = time.perf_counter() - started
     total_written = sum(s["written"] for s in summary["splits"].values())
     summary["timing"] = {"seconds": round(total_seconds, 3),
                          "images_per_second": round(total_written / total_seconds, 1) if total_seconds else None,
                          "workers": workers, "download_threads": download_threads}
-    fileio.write_json(output.staging_dir / names["summary_json"], summary)
-    fileio.write_text(output.staging_dir / names["summary_txt"], summary_text(summary))
+    _write(output.staging_dir / names["summary_json"], fileio.write_json, summary)
+    _write(output.staging_dir / names["summary_txt"], fileio.write_text, summary_text(summary))
     output.publish(to_publish + [names["summary_txt"], names["summary_json"]])  # summary last: run complete
     for name in to_publish:
         if name.endswith(".pkl"):
@@ -711,17 +765,21 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
     return summary
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every flag's default."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--input", default=DEFAULT_INPUT,
-                        help=f"s3://bucket/prefix/ or a folder (default {DEFAULT_INPUT})")
-    parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/ (default ./output)")
+                        help="s3://bucket/prefix/ or a folder")
+    parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/")
     parser.add_argument("--image-size", type=config.positive_int, default=224, help="stored square size in px")
     parser.add_argument("--resize", choices=images.RESIZE_POLICIES, default="squash",
-                        help="squash (whole frame, default), crop (centre) or pad (black border)")
+                        help="squash (whole frame), crop (centre) or pad (black border)")
     parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1,
-                        help="decode processes (default: all CPUs; 1 decodes in this process)")
+                        help="decode processes, default all CPUs of this machine (1 decodes in this process)")
     parser.add_argument("--download-threads", type=config.positive_int, default=sources.DEFAULT_DOWNLOAD_THREADS,
                         help="concurrent S3 downloads / file reads")
     parser.add_argument("--endpoint-url", default=None,
@@ -730,16 +788,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="S3 attempts per request, first try included")
     parser.add_argument("--read-timeout", type=float, default=sources.DEFAULT_READ_TIMEOUT_S,
                         help="S3 socket read timeout in seconds")
+    parser.add_argument("--no-etag-check", action="store_true",
+                        help="do not check S3 bodies against MD5 ETags (for stores whose ETags are not MD5s; "
+                             "S3 checksums are still checked)")
     parser.add_argument("--limit", type=config.positive_int, default=None, help="first N ids per split (quick runs)")
     parser.add_argument("--max-pixels", type=config.positive_int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (decompression bombs)")
     parser.add_argument("--max-object-mb", type=float, default=sources.DEFAULT_MAX_OBJECT_BYTES / 2**20,
                         help="refuse objects larger than this many MiB, from the listing, before download")
-    parser.add_argument("--train-labels", default=Layout.train_labels)
-    parser.add_argument("--train-features", default=Layout.train_features)
-    parser.add_argument("--test-features", default=Layout.test_features)
-    parser.add_argument("--train-dir", default=Layout.train_dir)
-    parser.add_argument("--test-dir", default=Layout.test_dir)
+    parser.add_argument("--train-labels", default=Layout.train_labels,
+                        help="labels CSV (id + one-hot class columns, or id + label), relative to --input")
+    parser.add_argument("--train-features", default=Layout.train_features,
+                        help="train CSV with id, filepath, site, relative to --input")
+    parser.add_argument("--test-features", default=Layout.test_features,
+                        help="test CSV with id, filepath, site, relative to --input")
+    parser.add_argument("--train-dir", default=Layout.train_dir,
+                        help="folder of train images when the CSV has no filepath")
+    parser.add_argument("--test-dir", default=Layout.test_dir,
+                        help="folder of test images when the CSV has no filepath")
     parser.add_argument("--num-shards", type=config.positive_int, default=1,
                         help="split every split's sorted ids into K contiguous shards ...")
     parser.add_argument("--shard-index", type=config.non_negative_int, default=0, help="... and process shard i")
@@ -762,7 +828,8 @@ def main(argv=None) -> int:
             raise PreprocessError(f"input folder {args.input} does not exist.\n{usage_hint()}")
         source = sources.open_source(args.input, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts,
                                      read_timeout=args.read_timeout, download_threads=args.download_threads,
-                                     max_object_bytes=int(args.max_object_mb * 2**20))
+                                     max_object_bytes=int(args.max_object_mb * 2**20),
+                                     verify_etag=not args.no_etag_check)
         output = sources.open_output(args.output_dir, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
         run(source, output, args.input, layout, args.image_size, args.resize, args.max_pixels, args.workers,
             args.download_threads, limit=args.limit, shard_index=args.shard_index, num_shards=args.num_shards,
@@ -770,6 +837,11 @@ def main(argv=None) -> int:
     except (PreprocessError, sources.SourceError, labels.LabelsError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         config.write_sagemaker_failure(f"preprocess: {exc}")
+        return 2
+    except OSError as exc:  # D1: disk full (or another OS failure) while writing the outputs
+        message = os_error_message(exc)
+        print(f"ERROR: {message}", file=sys.stderr)
+        config.write_sagemaker_failure(f"preprocess: {message}")
         return 2
     finally:
         if output is not None:

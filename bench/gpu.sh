@@ -17,10 +17,12 @@ if [[ "${1:-}" == "--tiny" ]]; then
     common=(--image-size 32 --batch-size 16 --num-images 64 --single-predictions 8 --predict-batch-size 32)
     naive=(--batch-size 16 --num-images 64 --naive-workers 2 --naive-steps 2)
     compile_runs=()
+    e2e=(--train 64 --test 16 --image-size 32); e2e_train=(--epochs 2 --batch-size 16)
 else
     common=(--image-size 224 --batch-size 256 --num-images 9866 --single-predictions 200 --predict-batch-size 1024)
     naive=(--batch-size 32 --num-images 2048 --naive-workers 8 --naive-steps 40)
     compile_runs=("--precision bf16 --channels-last true --compile true")
+    e2e=(--train 9866 --test 4000 --image-size 224); e2e_train=(--epochs 3 --batch-size 256)
 fi
 
 report=$(mktemp)
@@ -47,6 +49,7 @@ run() {   # run <label> <bench/train.py args...>: append the table rows, fail lo
         echo "$output" | sed -n '/^| what/,$p'
         echo
     } >>"$report"
+    if [[ -n "${OUT:-}" ]]; then cp "$report" "$OUT/gpu-bench.md"; fi   # partial results survive a timeout
 }
 
 run "bf16 autocast, channels_last, eager; with batched inference" "${common[@]}" --precision auto --channels-last true --skip c
@@ -57,6 +60,39 @@ for extra in "${compile_runs[@]}"; do
     run "bf16, channels_last, torch.compile (includes no compile time)" "${common[@]}" $extra --skip c,predict
 done
 run "naive per-sample PIL pipeline (prototype), fp32" "${naive[@]}" --skip a,b,predict
+
+# End to end: dss_train.py itself on the team's workload size (synthetic pickles, no JPEG decode),
+# eager then compiled, then --predict-only with flip TTA. Epoch lines include images/s.
+e2e_dir=$(mktemp -d)
+trap 'rm -f "$report"; rm -rf "$e2e_dir"' EXIT
+train_e2e() {   # train_e2e <label> <dss_train.py args...>
+    local label=$1; shift
+    echo ">>> $label: dss_train.py $*" >&2
+    local started=$SECONDS output
+    output=$("$PYTHON" dss_train.py --data-dir "$e2e_dir/data" --weights none "$@" 2>&1) || { echo "$output" >&2; exit 1; }
+    echo "$output" >&2
+    {
+        echo "## $label ($((SECONDS - started)) s wall, including data load)"
+        echo
+        echo '```'
+        echo "$output" | grep -E '^(device|data|split|epoch|test predictions|done)' || true
+        echo '```'
+        echo
+    } >>"$report"
+    if [[ -n "${OUT:-}" ]]; then cp "$report" "$OUT/gpu-bench.md"; fi
+}
+"$PYTHON" bench/synthetic_pickles.py "$e2e_dir/data" "${e2e[@]}" >&2
+train_e2e "dss_train.py end to end, eager (bf16 + channels_last on GPU)" --model-dir "$e2e_dir/eager" "${e2e_train[@]}"
+train_e2e "dss_train.py end to end, --compile true" --model-dir "$e2e_dir/compiled" --compile true "${e2e_train[@]}"
+train_e2e "dss_train.py --predict-only --tta true" --model-dir "$e2e_dir/eager" --output-dir "$e2e_dir/predict" \
+    --predict-only --tta true
+"$PYTHON" - "$e2e_dir/predict/test_predictions.csv" >&2 <<'PY'
+import sys, pandas as pd
+frame = pd.read_csv(sys.argv[1])
+sums = frame.drop(columns="id").sum(axis=1)
+assert frame["id"].is_unique and (sums - 1).abs().max() < 1e-6, "test_predictions.csv rows must sum to 1"
+print(f"checked {sys.argv[1]}: {len(frame)} rows, each sums to 1")
+PY
 
 if [[ -n "${OUT:-}" ]]; then cp "$report" "$OUT/gpu-bench.md"; fi
 cat "$report"

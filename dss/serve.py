@@ -1,20 +1,39 @@
 """SageMaker hosting handlers: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
 
 dss_train.py re-exports them, so the training entry point is also the inference script
-(``estimator.deploy()`` serves ``model.pth`` with them). Requests:
+(``estimator.deploy()`` serves ``model.pth`` with them).
+
+Requests (Content-Type):
 
     image/jpeg, image/png, application/x-image   raw bytes of one image (format decided by content)
     application/json                             ["<base64>", ...] or {"instances": ["<base64>", ...]}
+                                                 (an item may also be {"b64": "<base64>"})
 
-Response (application/json): for one image ``{"<class>": p, ..., "predicted_class": "<class>"}``,
-for several a list of those, in request order.
+Response (Accept: application/json, */* or none; any other Accept is a ValueError):
+
+    one image        {"probabilities": {"<class>": p, ...}, "predicted_class": "<class>"}
+    several images   [{"probabilities": {...}, "predicted_class": "..."}, ...] in request order
+
+The probabilities of one image sum to 1 (softmax, float64) and are keyed by every class name
+stored in the model artifact, in the artifact's class order.
+
+Handler signatures follow the SageMaker inference toolkit (sagemaker-inference, used by the
+PyTorch serving containers): it counts each handler's parameters and, when there is one more
+than it passes, passes its request ``context`` as the last argument. So every handler takes an
+optional trailing ``context`` (unused except for a worker's ``gpu_id``) and nothing else optional.
 
 Images are decoded and resized exactly as preprocess.py did for training
-(``dss.images.decode_and_resize`` with the image size and resize policy stored in the model
-artifact), then go through the same ``eval_transform`` as validation. The SageMaker handler
-contract gives ``input_fn`` no access to the model, so ``input_fn`` only unpacks the request
-into image byte strings and checks they are JPEG/PNG; ``predict_fn``, which has the model and
-therefore its stored preprocessing config, decodes and resizes them.
+(``dss.images.decode_and_resize`` with the stored image size and resize policy from the model
+artifact), then predicted by ``dss.engine.predict_probs``, the same function that produces
+the validation and test probabilities (``eval_transform`` to the network input size, mixed
+precision on GPUs, test-time flip averaging when the model was trained with ``--tta true``).
+The handler contract gives ``input_fn`` no access to the model, so ``input_fn`` only unpacks
+the request into image byte strings and checks they are JPEG/PNG; ``predict_fn``, which has
+the model and therefore its stored preprocessing, decodes and resizes them.
+
+Device: the GPU the model server assigned to this worker (``context.system_properties["gpu_id"]``)
+or ``cuda`` when there is one, else the CPU. ``DSS_SERVE_DEVICE`` (e.g. ``cpu``, ``cuda:1``)
+overrides that.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +51,10 @@ import torch
 from dss import engine, images, loader, model as model_lib
 
 MODEL_FILENAME = "model.pth"
+DEVICE_ENV_VAR = "DSS_SERVE_DEVICE"
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
+ANY_CONTENT_TYPE = "*/*"
 PREDICT_BATCH_SIZE = 256  # images per forward pass
 
 
@@ -47,26 +69,49 @@ class ServedModel:
     resize_policy: str
     device: torch.device
     amp_dtype: torch.dtype | None
+    tta: bool  # average with the horizontally flipped image, as the run's test predictions did
 
 
-def model_fn(model_dir: str, device: str = "auto") -> ServedModel:
-    """Load ``model_dir/model.pth`` (weights_only) in eval mode on the GPU when there is one."""
-    path = Path(model_dir) / MODEL_FILENAME
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
-    network, artifact = model_lib.load_model_artifact(path, map_location=torch_device)
-    network.to(torch_device).eval()
+def _media_type(value: str | None) -> str:
+    """``"Image/JPEG; q=1"`` -> ``"image/jpeg"``; None -> ``""``."""
+    return (value or "").split(";")[0].strip().lower()
+
+
+def serving_device(context=None) -> torch.device:
+    """``$DSS_SERVE_DEVICE`` when set; else the worker's GPU (``gpu_id`` from the model server's
+    context) or ``cuda`` when torch sees a GPU; else the CPU."""
+    requested = os.environ.get(DEVICE_ENV_VAR, "").strip()
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as exc:
+            raise ValueError(f"{DEVICE_ENV_VAR}={requested!r} is not a torch device (try cpu, cuda or cuda:0)") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{DEVICE_ENV_VAR}={requested!r} but torch sees no GPU; use cpu or unset it")
+        return device
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    properties = getattr(context, "system_properties", None)
+    gpu_id = properties.get("gpu_id") if isinstance(properties, dict) else None
+    return torch.device("cuda", int(gpu_id)) if gpu_id is not None else torch.device("cuda")
+
+
+def model_fn(model_dir: str, context=None) -> ServedModel:
+    """Load ``model_dir/model.pth`` (weights_only) in eval mode on ``serving_device(context)``."""
+    device = serving_device(context)
+    network, artifact = model_lib.load_model_artifact(Path(model_dir) / MODEL_FILENAME, map_location=device)
+    network.to(device).eval()
     preprocessing = artifact["preprocessing"]
-    amp_dtype, _ = engine.select_precision(torch_device)
+    amp_dtype, _ = engine.select_precision(device)
     return ServedModel(
         network=network,
         class_names=list(artifact["class_names"]),
         image_size=int(preprocessing["stored_image_size"]),
         input_size=int(preprocessing["image_size"]),
-        resize_policy=str(preprocessing.get("resize_policy", "squash")),
-        device=torch_device,
+        resize_policy=str(preprocessing["resize_policy"]),
+        device=device,
         amp_dtype=amp_dtype,
+        tta=bool(artifact["hyperparameters"].get("tta", False)),
     )
 
 
@@ -88,9 +133,11 @@ def _decode_base64(item, where: str) -> bytes:
         raise ValueError(f"{where} is not valid base64 ({exc})") from exc
 
 
-def input_fn(request_body: bytes | str, content_type: str) -> list[bytes]:
-    """The request as a list of JPEG/PNG byte strings. Bad requests raise ValueError (a 4xx)."""
-    media_type = (content_type or "").split(";")[0].strip().lower()
+def input_fn(request_body: bytes | str, request_content_type: str, context=None) -> list[bytes]:
+    """The request as a list of JPEG/PNG byte strings. Bad requests raise ValueError (a 4xx).
+
+    The toolkit hands application/json bodies over already decoded to ``str``; bytes work too."""
+    media_type = _media_type(request_content_type)
     if media_type in IMAGE_CONTENT_TYPES:
         if isinstance(request_body, str):
             raise ValueError(f"{media_type} request body must be bytes, got text")
@@ -108,7 +155,7 @@ def input_fn(request_body: bytes | str, content_type: str) -> list[bytes]:
             raise ValueError("JSON request must hold a non-empty list of base64 images")
         return [_check_image_bytes(_decode_base64(item, f"instance {index}"), f"instance {index}")
                 for index, item in enumerate(payload)]
-    raise ValueError(f"unsupported content type {content_type!r}; send one of "
+    raise ValueError(f"unsupported content type {request_content_type!r}; send one of "
                      f"{', '.join(IMAGE_CONTENT_TYPES + (JSON_CONTENT_TYPE,))}")
 
 
@@ -123,38 +170,26 @@ def decode_batch(image_bytes: list[bytes], image_size: int, resize_policy: str) 
     return batch
 
 
-@torch.no_grad()
-def predict_fn(batch: list[bytes] | np.ndarray, model: ServedModel) -> dict:
-    """Class probabilities for the images: ``{"class_names": [...], "probs": (N, C) float64}``.
-
-    ``batch`` is ``input_fn``'s list of image bytes, or an already decoded uint8 (N, S, S, 3) array.
-    """
-    if isinstance(batch, np.ndarray):
-        pixels = batch
-    else:
-        pixels = decode_batch(batch, model.image_size, model.resize_policy)
-    outputs = []
-    for start in range(0, len(pixels), PREDICT_BATCH_SIZE):
-        # (B, S, S, 3) uint8 -> (B, 3, S, S) view, as DeviceImages hands batches to eval_transform.
-        chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + PREDICT_BATCH_SIZE])).to(model.device)
-        inputs = loader.eval_transform(chunk.permute(0, 3, 1, 2), model.input_size)
-        with torch.autocast(model.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None):
-            logits = model.network(inputs)
-        outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    probs = np.concatenate(outputs).astype(np.float64)
-    probs /= probs.sum(axis=1, keepdims=True)
+def predict_fn(data: list[bytes], model: ServedModel, context=None) -> dict:
+    """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64}``,
+    rows in request order, from the shared ``engine.predict_probs``."""
+    pixels = decode_batch(data, model.image_size, model.resize_policy)
+    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), PREDICT_BATCH_SIZE,
+                                 model.input_size, model.amp_dtype, tta=model.tta)
     return {"class_names": list(model.class_names), "probs": probs}
 
 
-def output_fn(prediction: dict, accept: str | None = JSON_CONTENT_TYPE) -> str:
-    """JSON: one image -> ``{class: prob, ..., "predicted_class": name}``; several -> a list."""
-    media_type = (accept or JSON_CONTENT_TYPE).split(";")[0].strip().lower()
-    if media_type not in (JSON_CONTENT_TYPE, "*/*"):
+def output_fn(prediction: dict, accept: str | None, context=None) -> str:
+    """JSON text: one image -> ``{"probabilities": {class: p, ...}, "predicted_class": name}``;
+    several -> a list of those in request order. Accept other than JSON/any is a ValueError."""
+    media_type = _media_type(accept)
+    if media_type not in ("", JSON_CONTENT_TYPE, ANY_CONTENT_TYPE):
         raise ValueError(f"unsupported accept type {accept!r}; this endpoint answers {JSON_CONTENT_TYPE}")
-    names = prediction["class_names"]
-    records = []
-    for row in np.asarray(prediction["probs"]):
-        record = {name: float(p) for name, p in zip(names, row)}
-        record["predicted_class"] = names[int(np.argmax(row))]
-        records.append(record)
+    names = list(prediction["class_names"])
+    probs = np.asarray(prediction["probs"], dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(names):
+        raise ValueError(f"prediction probs have shape {probs.shape}, expected (N, {len(names)}) for the class names")
+    records = [{"probabilities": {name: float(p) for name, p in zip(names, row)},
+                "predicted_class": names[int(np.argmax(row))]}
+               for row in probs]
     return json.dumps(records[0] if len(records) == 1 else records)

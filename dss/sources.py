@@ -23,13 +23,24 @@ timeouts. ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` are honoured by botocor
 Content-Length (or a connection dropped mid-body) is retried here, since botocore does not retry
 once the headers have arrived.
 
+Integrity of each body (ROBUSTNESS A4/C10): GETs ask for S3's stored checksum
+(``ChecksumMode="ENABLED"``) and botocore checks the body against the ``x-amz-checksum-*`` header
+while it is read. Where the response carries no such header (older objects, other stores), the
+body is checked against the ETag when the ETag is a plain MD5 of the content (single-part upload,
+no SSE-KMS/SSE-C). A mismatch is retried here like a short body; when every attempt mismatches the
+key is skipped as ``checksum_mismatch``. Limit: bytes that were already corrupt when uploaded
+carry a checksum and ETag of the corrupt bytes, so nothing here (nor Pillow) can notice them.
+
 The output side (``open_output``) writes result files to a local folder, or stages them in a
 temp folder and uploads them to ``s3://`` when ``publish`` is called.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -49,6 +60,12 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 # After this many downloads in a row fail with a transport/throttling error, stop the run:
 # the endpoint is down or throttling everything, and waiting out every key would take hours.
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 50
+# Skip reasons that count towards that streak (a per-key problem such as "missing" does not).
+STREAK_REASONS = frozenset({"download_failed", "checksum_mismatch"})
+# An ETag that is the MD5 of the bytes: 32 hex digits (multipart ETags end in "-<parts>").
+MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+# Server-side encryption whose ETag is not an MD5 of the plaintext.
+NON_MD5_ETAG_ENCRYPTION = frozenset({"aws:kms", "aws:kms:dsse"})
 
 # S3 error codes meaning "these credentials may not do this": retrying never helps.
 ACCESS_ERROR_CODES = frozenset({
@@ -90,17 +107,20 @@ class FetchStats:
 
     retries: int = 0           # botocore retries reported in ResponseMetadata.RetryAttempts
     body_retries: int = 0      # our own retries of short/dropped bodies
+    integrity_retries: int = 0  # our own retries of bodies whose checksum/ETag did not match
     bytes_read: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, retries: int = 0, body_retries: int = 0, bytes_read: int = 0) -> None:
+    def add(self, retries: int = 0, body_retries: int = 0, integrity_retries: int = 0, bytes_read: int = 0) -> None:
         with self._lock:
             self.retries += retries
             self.body_retries += body_retries
+            self.integrity_retries += integrity_retries
             self.bytes_read += bytes_read
 
     def as_dict(self) -> dict:
-        return {"s3_retries": self.retries, "body_retries": self.body_retries, "bytes_read": self.bytes_read}
+        return {"s3_retries": self.retries, "body_retries": self.body_retries,
+                "integrity_retries": self.integrity_retries, "bytes_read": self.bytes_read}
 
 
 def is_s3_uri(uri: str | os.PathLike) -> bool:
@@ -186,7 +206,7 @@ class Source:
                     for future in done:
                         key = in_flight.pop(future)
                         result = future.result()  # SourceError propagates from here
-                        if isinstance(result, ObjectSkip) and result.reason == "download_failed":
+                        if isinstance(result, ObjectSkip) and result.reason in STREAK_REASONS:
                             consecutive_failures += 1
                             if consecutive_failures >= self.max_consecutive_failures:
                                 raise SourceError(
@@ -277,6 +297,11 @@ def make_s3_client(endpoint_url: str | None = None, max_attempts: int = DEFAULT_
     return session.client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
+def _request_id(metadata: dict) -> str:
+    """The S3 request id from a response's ResponseMetadata ('-' when there is none)."""
+    return metadata.get("RequestId") or metadata.get("HTTPHeaders", {}).get("x-amz-request-id") or "-"
+
+
 def _error_details(exc) -> tuple[str, str, str, int | None]:
     """(code, message, request id, HTTP status) of a botocore ClientError."""
     response = getattr(exc, "response", {}) or {}
@@ -292,10 +317,11 @@ class S3Source(Source):
     def __init__(self, uri: str, client=None, endpoint_url: str | None = None,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                  read_timeout: float = DEFAULT_READ_TIMEOUT_S, download_threads: int = DEFAULT_DOWNLOAD_THREADS,
-                 **kwargs):
+                 verify_etag: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.bucket, self.prefix = split_s3_uri(uri)
         self.max_attempts = max_attempts
+        self.verify_etag = verify_etag
         self.client = client or make_s3_client(endpoint_url, max_attempts, connect_timeout, read_timeout,
                                                max_pool_connections=download_threads + 4)
         self._probe()
@@ -364,16 +390,18 @@ class S3Source(Source):
 
     def read(self, key: str) -> bytes:
         """Get one object. Per-key failures raise ObjectSkip; access/credential errors SourceError."""
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, IncompleteReadError,
-                                         NoCredentialsError, ReadTimeoutError, ResponseStreamingError)
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, FlexibleChecksumError,
+                                         IncompleteReadError, NoCredentialsError, ReadTimeoutError,
+                                         ResponseStreamingError)
 
         full_key = _join_key(self.prefix, key)
         where = f"s3://{self.bucket}/{full_key}"
         body_errors = (IncompleteReadError, ResponseStreamingError, ReadTimeoutError, ConnectionClosedError)
-        last_body_error = None
-        for attempt in range(1, self.max_attempts + 1):
+        last_problem = ("download_failed", "no attempt made")  # (skip reason, what went wrong), of the last attempt
+        for _ in range(self.max_attempts):
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=full_key)
+                # ChecksumMode: S3 sends the stored checksum and botocore verifies the body against it.
+                response = self.client.get_object(Bucket=self.bucket, Key=full_key, ChecksumMode="ENABLED")
             except NoCredentialsError as exc:
                 raise self._fatal(exc, "read", key) from exc
             except ClientError as exc:
@@ -397,17 +425,46 @@ class S3Source(Source):
                 # StreamingBody.read() checks the byte count against Content-Length (IncompleteReadError).
                 data = response["Body"].read()
             except body_errors as exc:
-                last_body_error = exc
+                last_problem = ("download_failed", f"body incomplete: {type(exc).__name__}: {exc}")
                 self.stats.add(body_retries=1)
                 continue
+            except FlexibleChecksumError as exc:  # the body does not match S3's stored checksum
+                last_problem = ("checksum_mismatch", f"{exc} [request-id {_request_id(metadata)}]")
+                self.stats.add(integrity_retries=1)
+                continue
             if expected is not None and len(data) != expected:
-                last_body_error = IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
+                last_problem = ("download_failed", f"body incomplete: {len(data)} of {expected} bytes")
                 self.stats.add(body_retries=1)
+                continue
+            etag_problem = self._etag_mismatch(response, data)
+            if etag_problem:
+                last_problem = ("checksum_mismatch", f"{etag_problem} [request-id {_request_id(metadata)}]")
+                self.stats.add(integrity_retries=1)
                 continue
             self.stats.add(bytes_read=len(data))
             return data
-        raise ObjectSkip("download_failed", f"{where}: body incomplete on all {self.max_attempts} attempts "
-                                            f"({type(last_body_error).__name__}: {last_body_error})")
+        reason, problem = last_problem
+        hint = (" If this store's ETags are not MD5 digests of the content, run with --no-etag-check."
+                if "ETag" in problem else "")
+        raise ObjectSkip(reason, f"{where}: failed on all {self.max_attempts} attempts, last: {problem}.{hint}")
+
+    def _etag_mismatch(self, response: dict, data: bytes) -> str | None:
+        """Why ``data`` does not match the response's ETag, or None (match, or the ETag is no MD5).
+
+        Only used when botocore did not already verify an ``x-amz-checksum-*`` header: the ETag is the
+        MD5 of the content for single-part uploads without SSE-KMS/SSE-C."""
+        from botocore.httpchecksum import StreamingChecksumBody
+
+        if not self.verify_etag or isinstance(response.get("Body"), StreamingChecksumBody):
+            return None
+        etag = str(response.get("ETag", "")).strip('"').lower()
+        if (not MD5_ETAG.fullmatch(etag) or response.get("SSECustomerAlgorithm")
+                or response.get("ServerSideEncryption") in NON_MD5_ETAG_ENCRYPTION):
+            return None
+        received = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if received == etag:
+            return None
+        return f"MD5 of the {len(data)} bytes received is {received}, the ETag says {etag}"
 
     def describe(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{_join_key(self.prefix, key)}"
@@ -417,17 +474,18 @@ def open_source(uri: str | os.PathLike, endpoint_url: str | None = None, client=
                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
                 read_timeout: float = DEFAULT_READ_TIMEOUT_S, download_threads: int = DEFAULT_DOWNLOAD_THREADS,
                 max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-                max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES) -> Source:
+                max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES, verify_etag: bool = True) -> Source:
     """A Source for ``s3://bucket/prefix/`` (probed with one request now) or a local folder.
 
     ``client`` injects a ready boto3 S3 client (tests register botocore event hooks on it);
-    otherwise one is made with ``make_s3_client``. Raises SourceError when the input is unusable.
+    otherwise one is made with ``make_s3_client``. ``verify_etag=False`` turns off the MD5-ETag
+    check (for stores whose ETags are not MD5s). Raises SourceError when the input is unusable.
     """
     common = dict(max_object_bytes=max_object_bytes, max_consecutive_failures=max_consecutive_failures)
     if is_s3_uri(uri):
         return S3Source(str(uri), client=client, endpoint_url=endpoint_url, max_attempts=max_attempts,
                         connect_timeout=connect_timeout, read_timeout=read_timeout,
-                        download_threads=download_threads, **common)
+                        download_threads=download_threads, verify_etag=verify_etag, **common)
     return LocalSource(uri, **common)
 
 
@@ -472,7 +530,8 @@ class LocalOutput(Output):
             fileio.write_bytes(probe, b"ok")
             probe.unlink()
         except OSError as exc:
-            raise SourceError(f"output folder {self.folder} is not writable: {exc}") from exc
+            full = " (disk full)" if exc.errno == errno.ENOSPC else ""
+            raise SourceError(f"output folder {self.folder} is not writable{full}: {exc}") from exc
 
     def publish(self, names: list[str]) -> None:
         return None  # files were written in place, atomically

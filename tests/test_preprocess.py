@@ -7,11 +7,14 @@ client the library creates; those tests drive ``preprocess.run`` in-process.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import uuid
 import zlib
 from pathlib import Path
@@ -22,8 +25,8 @@ from PIL import Image
 
 import preprocess
 from dss import dataset, images, sources
-from tests.conftest import FAKE_AWS_ENV, clean_env, run_script
-from tests.test_sources import CountingHook, error_response
+from tests.conftest import FAKE_AWS_ENV, REPO_ROOT, clean_env, run_script
+from tests.test_sources import CorruptInTransit, CountingHook, error_response, noisy_jpeg, zero_middle
 
 SIZE = 32  # stored px in these tests: small and fast
 
@@ -203,9 +206,14 @@ def test_images_only_folder_becomes_test_split(tmp_path):
         (folder / name).write_bytes(jpeg() if not name.endswith("png") else png(mode="RGB", colour=(1, 2, 3)))
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_data.pkl").write_bytes(b"from an earlier run")  # this input has no train split
     result = run_ok(["--input", folder, "--output-dir", out, "--image-size", SIZE, "--workers", 1])
     assert "treating all 3 images as TEST images" in result.stdout
+    assert f"Removed {out / 'train_data.pkl'} (left by an earlier run" in result.stdout
     assert not (out / "train_data.pkl").exists()
+    assert read_summary(out)["removed_stale_files"] == [str(out / "train_data.pkl")]
+    assert "removed 1 file(s) an earlier run left" in (out / "preprocessing_summary.txt").read_text()
     test = dataset.load_split(out, "test")
     assert test["ids"] == ["cam1_0001", "cam1_0002", "cam2_0003"]
     assert test["labels"] is None and test["sites"] == ["", "", ""] and test["class_names"] == []
@@ -223,6 +231,23 @@ def test_no_input_shows_both_commands_and_writes_nothing(tmp_path):
     result = run_script("preprocess.py", ["--output-dir", tmp_path / "out"], cwd=tmp_path)
     assert result.returncode != 0 and "--input ./data" in result.stderr
     assert not list((tmp_path / "out").glob("*.pkl"))
+
+
+def test_default_input_with_a_nested_dataset_names_the_folder_and_touches_nothing(tmp_path):
+    """`python preprocess.py --output-dir ./output` where ./data has no CSVs but ./data/demo/ is a
+    dataset: stop and name the folder, instead of taking its train images as TEST and deleting the
+    train pickle of an earlier run."""
+    write_dataset(tmp_path / "data" / "demo", _two_class_train(2), None)
+    (tmp_path / "data" / "loose.jpg").write_bytes(jpeg())
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / "train_data.pkl").write_bytes(b"from an earlier run")
+    result = run_script("preprocess.py", ["--output-dir", "./output"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--input data/demo" in result.stderr and "train_labels.csv" in result.stderr
+    assert "Traceback" not in result.stderr and "TEST images" not in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["train_data.pkl"]
+    assert (out / "train_data.pkl").read_bytes() == b"from an earlier run"
 
 
 # ---------------------------------------------------------------------------- bad images (A)
@@ -283,6 +308,66 @@ def test_odd_keys_on_s3_and_size_cap(s3_server, s3_client, bucket, tmp_path):
     assert {(e["key"], e["reason"]) for e in split["skipped"]} == {("dup.jpg", "duplicate_id"),
                                                                    ("huge.jpg", "too_large")}
     assert split["listed"] == 8
+
+
+def _noisy_s3_dataset(s3_client, bucket, tmp_path, stored_overrides=None):
+    """4 noisy JPEGs (decodable after corruption) under s3://bucket/data/; returns {id: clean bytes}.
+    ``stored_overrides`` {id: bytes} uploads other bytes for an id (already corrupt at rest)."""
+    clean = {f"id{i}": noisy_jpeg(seed=i) for i in range(4)}
+    train = {image_id: (data, ("cat", "dog")[i % 2], "S1") for i, (image_id, data) in enumerate(clean.items())}
+    root = write_dataset(tmp_path / "data", train, None)
+    for image_id, data in (stored_overrides or {}).items():
+        (root / "train_features" / f"{image_id}.jpg").write_bytes(data)
+    upload_folder(s3_client, bucket, root, "data/")
+    return clean
+
+
+def _row(out: Path, image_id: str) -> np.ndarray:
+    data = dataset.load_split(out, "train")
+    return data["images"][data["ids"].index(image_id)]
+
+
+def test_corrupted_in_transit_is_refetched_and_the_stored_image_written(s3_server, s3_client, bucket, tmp_path):
+    """A4a: id2's first GET arrives with 200 zeroed middle bytes (still a decodable JPEG); the S3
+    checksum catches it, our retry fetches it again, and the pickle holds the stored image."""
+    clean = _noisy_s3_dataset(s3_client, bucket, tmp_path)
+    hook = CorruptInTransit(times=1, url_part="/data/train_features/id2.jpg")
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", hook)
+    assert hook.corrupted == 1
+    split = summary["splits"]["train"]
+    assert split["written"] == 4 and split["timing"]["integrity_retries"] == 1
+    expected, _ = images.decode_and_resize(clean["id2"], SIZE)
+    corrupt, _ = images.decode_and_resize(zero_middle(clean["id2"]), SIZE)
+    assert not np.array_equal(expected, corrupt)  # the corruption would have changed the stored pixels
+    assert np.array_equal(_row(tmp_path / "out", "id2"), expected)
+
+
+def test_corrupted_in_transit_every_time_is_skipped_and_recorded(s3_server, s3_client, bucket, tmp_path):
+    """A4a: every GET of id1 is corrupt -> skipped as checksum_mismatch and recorded; never written."""
+    _noisy_s3_dataset(s3_client, bucket, tmp_path)
+    hook = CorruptInTransit(times=10**6, url_part="/data/train_features/id1.jpg", drop_checksum=True)
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", hook)
+    assert hook.corrupted == 3  # max_attempts
+    (entry,) = summary["splits"]["train"]["skipped"]
+    assert (entry["id"], entry["reason"]) == ("id1", "checksum_mismatch")
+    assert f"s3://{bucket}/data/train_features/id1.jpg" in entry["message"]
+    assert dataset.load_split(tmp_path / "out", "train")["ids"] == ["id0", "id2", "id3"]
+
+
+def test_object_stored_corrupt_is_accepted_a_documented_limit(s3_server, s3_client, bucket, tmp_path):
+    """A4b, a LIMIT and not a feature: id3 was uploaded with 200 zeroed middle bytes. Its S3 checksum
+    and ETag are those of the corrupt bytes, and Pillow decodes them without complaint (JPEG has no
+    checksum over its pixel data), so nothing can tell: it is written with the corrupt pixels. Only
+    a checksum recorded before upload (e.g. a manifest of MD5s) could catch this."""
+    clean_id3 = noisy_jpeg(seed=3)
+    _noisy_s3_dataset(s3_client, bucket, tmp_path, stored_overrides={"id3": zero_middle(clean_id3)})
+    summary = _run_in_process(s3_server, bucket, tmp_path / "out")
+    split = summary["splits"]["train"]
+    assert split["written"] == 4 and split["skipped"] == [] and split["timing"]["integrity_retries"] == 0
+    stored_corrupt, _ = images.decode_and_resize(zero_middle(clean_id3), SIZE)
+    intended, _ = images.decode_and_resize(clean_id3, SIZE)
+    assert np.array_equal(_row(tmp_path / "out", "id3"), stored_corrupt)
+    assert not np.array_equal(_row(tmp_path / "out", "id3"), intended)
 
 
 # ---------------------------------------------------------------------------- labels (B)
@@ -436,3 +521,64 @@ def test_unwritable_output_fails_before_download(demo_data, tmp_path):
     result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", blocker / "out"])
     assert result.returncode != 0 and "cannot create output folder" in result.stderr
     assert "Processing" not in result.stdout
+
+
+# ---------------------------------------------------------------------------- imports
+@pytest.mark.parametrize("module", ["preprocess", "dss.sources", "dss.images", "dss.labels", "dss.dataset"])
+def test_preprocess_side_never_imports_torch(module):
+    code = f"import importlib, sys; importlib.import_module({module!r}); assert 'torch' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_folder_run_imports_neither_boto3_nor_torch(tmp_path):
+    """boto3 is imported for s3:// paths only; a whole folder run in one process never loads it."""
+    root = write_dataset(tmp_path / "data", _two_class_train(2), None)
+    code = ("import sys, preprocess\n"
+            f"rc = preprocess.main(['--input', {str(root)!r}, '--output-dir', {str(tmp_path / 'out')!r}, "
+            f"'--image-size', '{SIZE}', '--workers', '1', '--quiet'])\n"
+            "assert rc == 0, rc\n"
+            "loaded = [name for name in ('boto3', 'botocore', 'torch') if name in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "out" / "train_data.pkl").exists()
+
+
+# ---------------------------------------------------------------------------- disk full (D1)
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: a real ENOSPC. Needs root (CI and dev machines run as root)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; D1 is then covered only where tests run as root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_while_writing_the_pickle_is_one_clear_error(demo_data, tiny_filesystem):
+    """D1: 30 images at 32 px make a ~92 KB pickle on a 64 KiB disk -> ENOSPC: one ERROR line naming
+    the path and "disk full", exit != 0, no pickle under its final name and no temp file left."""
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", tiny_filesystem, "--limit", 30,
+                                          "--image-size", SIZE, "--workers", 1])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "disk full" in errors[0] and "ENOSPC" in errors[0]
+    assert str(tiny_filesystem / "train_data.pkl") in errors[0]
+    left = sorted(path.name for path in tiny_filesystem.iterdir())
+    assert not [name for name in left if name.endswith(".pkl") or name.endswith(".tmp")], left
+
+
+def test_other_os_errors_name_path_and_errno():
+    message = preprocess.os_error_message(OSError(errno.EACCES, "Permission denied", "/out/train_data.pkl"))
+    assert message == "/out/train_data.pkl: Permission denied (EACCES)"

@@ -10,10 +10,13 @@ import io
 import os
 import uuid
 
+import numpy as np
 import pytest
+import urllib3
 from botocore.awsrequest import AWSResponse
+from PIL import Image
 
-from dss import sources
+from dss import images, sources
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -49,6 +52,47 @@ class CountingHook:
         if self.calls <= self.fail_times:
             return self.respond(request)
         return None
+
+
+def noisy_jpeg(seed: int = 0, width: int = 200, height: int = 150) -> bytes:
+    """A JPEG of random pixels (~28 KB): its entropy-coded middle is image data, so zeroing bytes
+    there still decodes, to a different picture (a corrupted-but-decodable JPEG, A4)."""
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def zero_middle(data: bytes, count: int = 200) -> bytes:
+    middle = len(data) // 2
+    return data[:middle - count // 2] + bytes(count) + data[middle + count // 2:]
+
+
+class CorruptInTransit:
+    """A ``before-send`` hook: sends the real GET to the moto server itself, then zeroes 200 bytes in
+    the middle of the body before botocore (and our code) reads it. Status and headers are the
+    server's (Content-Length, ETag, x-amz-checksum-crc32), as when bytes flip on the wire.
+
+    Corrupts the first ``times`` GETs whose URL contains ``url_part``; ``drop_checksum`` also removes
+    the ``x-amz-checksum-*`` headers (a store without checksums: only the ETag can tell)."""
+
+    def __init__(self, times: int, url_part: str = "", drop_checksum: bool = False):
+        self.times = times
+        self.url_part = url_part
+        self.drop_checksum = drop_checksum
+        self.corrupted = 0
+        self.pool = urllib3.PoolManager()
+
+    def __call__(self, request, **kwargs):
+        if self.corrupted >= self.times or self.url_part not in request.url:
+            return None
+        real = self.pool.request(request.method, request.url, headers=dict(request.headers.items()),
+                                 preload_content=True, redirect=False)
+        assert real.status == 200, real.data[:300]
+        headers = {name: value for name, value in real.headers.items()
+                   if not (self.drop_checksum and name.lower().startswith("x-amz-checksum-"))}
+        self.corrupted += 1
+        return AWSResponse(request.url, real.status, headers, _RawBody(zero_middle(real.data)))
 
 
 @pytest.fixture
@@ -307,6 +351,74 @@ def test_a_streak_of_failures_stops_fetch_many(s3_server, s3_client, bucket):
         "before-send.s3.GetObject", CountingHook(lambda r: error_response(r, 503, "SlowDown"), fail_times=10**6))
     with pytest.raises(sources.SourceError, match="3 downloads in a row failed"):
         list(source.fetch_many([f"{index}.jpg" for index in range(6)], threads=1))
+
+
+# ---------------------------------------------------------------------------- A4: corrupted in transit
+
+
+def _corrupt_source(s3_server, s3_client, bucket, max_attempts=3, **kwargs):
+    clean = noisy_jpeg()
+    s3_client.put_object(Bucket=bucket, Key="img/a.jpg", Body=clean)
+    # What would go wrong without the checks: Pillow decodes the corrupted bytes without a word.
+    corrupt_array, _ = images.decode_and_resize(zero_middle(clean), 32)
+    clean_array, _ = images.decode_and_resize(clean, 32)
+    assert not np.array_equal(corrupt_array, clean_array)
+    return clean, _open(s3_server, f"s3://{bucket}/img/", max_attempts=max_attempts, **kwargs)
+
+
+def test_body_corrupted_in_transit_fails_the_s3_checksum_and_is_refetched(s3_server, s3_client, bucket):
+    """A4a/C10: botocore checks the body against x-amz-checksum-crc32 (ChecksumMode=ENABLED) ->
+    FlexibleChecksumError -> our retry gets the stored bytes."""
+    clean, source = _corrupt_source(s3_server, s3_client, bucket)
+    hook = CorruptInTransit(times=1)
+    source.client.meta.events.register("before-send.s3.GetObject", hook)
+    assert source.read("a.jpg") == clean
+    assert hook.corrupted == 1 and source.stats.integrity_retries == 1
+
+
+def test_body_corrupted_in_transit_without_checksum_header_is_caught_by_the_etag(s3_server, s3_client, bucket):
+    """A4a: no x-amz-checksum-* header (older objects, other stores): the single-part ETag is the
+    MD5 of the stored bytes, so the corrupt body is caught there and refetched."""
+    clean, source = _corrupt_source(s3_server, s3_client, bucket)
+    hook = CorruptInTransit(times=1, drop_checksum=True)
+    source.client.meta.events.register("before-send.s3.GetObject", hook)
+    assert source.read("a.jpg") == clean
+    assert hook.corrupted == 1 and source.stats.integrity_retries == 1
+
+
+@pytest.mark.parametrize("drop_checksum", [False, True])
+def test_body_corrupted_on_every_attempt_is_a_recorded_skip(s3_server, s3_client, bucket, drop_checksum):
+    """A4a: corrupt on all attempts -> ObjectSkip('checksum_mismatch') naming the object; never returned."""
+    _, source = _corrupt_source(s3_server, s3_client, bucket, max_attempts=3)
+    hook = CorruptInTransit(times=10**6, drop_checksum=drop_checksum)
+    source.client.meta.events.register("before-send.s3.GetObject", hook)
+    with pytest.raises(sources.ObjectSkip) as skip:
+        source.read("a.jpg")
+    assert skip.value.reason == "checksum_mismatch"
+    assert f"s3://{bucket}/img/a.jpg" in str(skip.value) and "3 attempts" in str(skip.value)
+    assert hook.corrupted == 3 and source.stats.integrity_retries == 3
+    assert ("ETag" in str(skip.value)) == drop_checksum
+
+
+def test_etag_check_can_be_turned_off_for_stores_without_md5_etags(s3_server, s3_client, bucket):
+    """verify_etag=False (--no-etag-check): with no checksum header nothing is left to notice."""
+    clean, source = _corrupt_source(s3_server, s3_client, bucket, verify_etag=False)
+    source.client.meta.events.register("before-send.s3.GetObject", CorruptInTransit(times=1, drop_checksum=True))
+    assert source.read("a.jpg") == zero_middle(clean)
+    assert source.stats.integrity_retries == 0
+
+
+def test_non_md5_etag_is_not_checked(s3_server, s3_client, bucket):
+    """A multipart-style ETag ("<md5>-2") is no MD5 of the body: the body is accepted as received."""
+    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"payload")
+
+    def multipart_etag(request):
+        return AWSResponse(request.url, 200, {"Content-Length": "7", "ETag": '"' + "0" * 32 + '-2"'},
+                           _RawBody(b"payload"))
+
+    source = _open(s3_server, f"s3://{bucket}/")
+    source.client.meta.events.register("before-send.s3.GetObject", CountingHook(multipart_etag, fail_times=1))
+    assert source.read("a.jpg") == b"payload" and source.stats.integrity_retries == 0
 
 
 # ---------------------------------------------------------------------------- outputs
