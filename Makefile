@@ -6,7 +6,7 @@ DEMO_DIR := data
 DEMO_OUT := output
 DEMO_MODELS := models
 
-.PHONY: venv demo test test-all bench bench-preprocess bench-train sagemaker-source clean
+.PHONY: venv demo test test-all bench bench-preprocess bench-train fuzz sagemaker-source clean
 
 venv: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) -m dss.sample $(DEMO_DIR)
 	$(PY) preprocess.py --input $(DEMO_DIR) --output-dir $(DEMO_OUT) --image-size 64
-	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 8 --batch-size 64
+	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 8
 
 test: venv
 	$(PY) -m pytest -q
@@ -32,6 +32,11 @@ bench-preprocess: venv
 
 bench-train: venv
 	$(PY) bench/train.py
+
+# Long mutation fuzz of the pickle loader, CSV readers and image decoder (tests/robustness runs a short one).
+FUZZ_CASES ?= 20000
+fuzz: venv
+	$(PY) bench/fuzz.py --cases $(FUZZ_CASES)
 
 # A lean SageMaker source_dir: the two scripts, the package and requirements; never .venv or data.
 sagemaker-source:

@@ -11,8 +11,10 @@ Local runs (after ``python preprocess.py --output-dir ./output``):
 Outputs. Model dir: ``model.pth`` (weights + class names + preprocessing, loadable with
 ``torch.load(weights_only=True)``), ``config.json`` (the resolved configuration). Output dir
 (``--output-dir``; default the model dir, ``SM_OUTPUT_DATA_DIR`` under SageMaker): metrics.json,
-metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv, training_curves.png,
-confusion_matrix.png. Each epoch prints one line for SageMaker ``metric_definitions``:
+metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv (only when the data dir has a
+test split), training_curves.png, confusion_matrix.png. A re-run replaces all of them together once
+they are all written; a run that fails leaves the previous run's files as they were. Each epoch
+prints a per-class F1 line and one line for SageMaker ``metric_definitions``:
 
     [METRICS] epoch=3 train_loss=0.4123 train_acc=0.8512 val_loss=0.5000 val_acc=0.8000 val_logloss=0.5100
 
@@ -32,6 +34,7 @@ after saving a checkpoint (re-run with the same --checkpoint-dir to continue).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import random
 import signal
@@ -46,12 +49,11 @@ import numpy as np
 import torch
 
 from dss import checkpoint as checkpoint_lib
-from dss import config, dataset, engine, fileio, loader, metrics, outputs, split
+from dss import config, dataset, distributed, engine, fileio, loader, metrics, outputs, split
 from dss import model as model_lib
-from dss.serve import input_fn, model_fn, output_fn, predict_fn  # noqa: F401 - SageMaker hosting handlers
+from dss.serve import MODEL_FILENAME, input_fn, model_fn, output_fn, predict_fn  # noqa: F401 - SageMaker hosting handlers
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
-MODEL_FILENAME = "model.pth"
 # Seconds a socket operation of the ImageNet weights download may stall (not the whole download):
 # torch.hub's urlopen has no timeout, so a network that drops packets would hang the job forever.
 WEIGHTS_DOWNLOAD_TIMEOUT_S = 60.0
@@ -65,8 +67,18 @@ class TrainingInterrupted(Exception):
     """SIGTERM arrived; a checkpoint was saved when there is a checkpoint dir."""
 
 
+# False on DDP ranks other than 0: one copy of each log line and [METRICS] line per run.
+_log_enabled = True
+
+
 def log(message: str) -> None:
-    print(message, flush=True)
+    if _log_enabled:
+        print(message, flush=True)
+
+
+def set_logging(enabled: bool) -> None:
+    global _log_enabled
+    _log_enabled = bool(enabled)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -108,11 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=config.positive_int, default=10, help="passes over the training split")
-    train.add_argument("--batch-size", type=config.positive_int, default=64, help="training images per optimizer step")
+    train.add_argument("--batch-size", type=config.positive_int, default=32,
+                       help="training images per optimizer step (on a GPU use 256 or more for throughput)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate after warm-up")
     train.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="optimizer")
     train.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (decoupled for adamw)")
-    train.add_argument("--warmup-epochs", type=float, default=1.0,
+    train.add_argument("--warmup-epochs", type=float, default=0.5,
                        help="epochs of linear learning-rate warm-up before the cosine decay (may be fractional)")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
@@ -143,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the model (true/false; ~20 s compile, faster epochs on GPU)")
     run.add_argument("--tta", type=config.str2bool, default=False,
                      help="average predictions over the image and its horizontal flip (true/false)")
+    run.add_argument("--data-in-memory", choices=loader.MEMORY_MODES, default="auto",
+                     help="where the images live while training: 'device' (all on the GPU; pinned host memory "
+                          "when they do not fit), 'host' (pinned host memory, batches copied), 'stream' (read "
+                          "shard by shard from --data-dir with double buffering: data bigger than memory); "
+                          f"'auto' streams when the train pickles exceed {loader.HOST_MEMORY_SHARE * 100:.0f}%% of the "
+                          "available host memory, else 'device'")
     run.add_argument("--eval-batch-size", type=config.positive_int, default=256,
                      help="images per forward pass when evaluating and predicting")
     run.add_argument("--num-threads", type=config.positive_int, default=None,
@@ -208,6 +227,36 @@ class StopFlag:
         return self.event.is_set()
 
 
+def data_fingerprint(data: dict) -> str:
+    """sha256 identifying a train split for checkpoints. A streamed split's pixels were hashed
+    shard by shard while scanning, so its fingerprint differs from the loaded split's (a checkpoint
+    is resumed in the memory mode that wrote it)."""
+    images = data["images"]
+    if isinstance(images, loader.ShardedImages):
+        empty = np.zeros((0, images.height, images.width, 3), dtype=np.uint8)
+        rest = checkpoint_lib.dataset_fingerprint(empty, data["ids"], data["labels"], data["class_names"],
+                                                  data["sites"])
+        return hashlib.sha256(f"stream:{data['images_sha256']}:{rest}".encode()).hexdigest()
+    return checkpoint_lib.dataset_fingerprint(images, data["ids"], data["labels"], data["class_names"],
+                                              data["sites"])
+
+
+def make_stop_check(stop_flag: StopFlag, context: distributed.Context, every_steps: int = 8):
+    """The ``stop_requested`` poll for the training loop. Under DDP all ranks must stop at the same
+    step, so every ``every_steps`` calls the ranks agree (one small all-reduce) whether any of them
+    got SIGTERM; the loop calls it once per step on every rank, so the ranks count alike."""
+    if not context.enabled:
+        return stop_flag
+    calls = 0
+
+    def stop_requested() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls % every_steps == 0 and distributed.any_rank(context, stop_flag())
+
+    return stop_requested
+
+
 # --------------------------------------------------------------------------- training
 def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Share of each class among the labelled training images (used for skipped test images)."""
@@ -243,8 +292,15 @@ def host_state_dict(network: torch.nn.Module) -> dict:
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module itself when torch.compile wrapped it (state dict names stay plain)."""
-    return getattr(network, "_orig_mod", network)
+    """The module itself inside torch.compile and DistributedDataParallel wrappers (state dict
+    names stay plain)."""
+    while True:
+        if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
 
 
 def make_loss(labels: np.ndarray, num_classes: int, class_weights: str, label_smoothing: float,
@@ -287,36 +343,57 @@ def per_epoch_fields(epoch: int, train_stats: dict, eval_stats: dict, lr: float,
 
 
 def run_training(args: argparse.Namespace, paths: dict) -> None:
+    """Train in this process; under torchrun (WORLD_SIZE > 1) as one rank of a DDP job."""
+    context = distributed.setup(resolve_device(args.device))
+    set_logging(context.is_main)
+    try:
+        train_model(args, paths, context)
+        distributed.barrier(context)  # rank 0 has written every output
+    finally:
+        distributed.teardown(context)
+        set_logging(True)
+
+
+def train_model(args: argparse.Namespace, paths: dict, context: distributed.Context) -> None:
     started = time.monotonic()
-    device = resolve_device(args.device)
+    device = context.device
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if context.is_main:
+        sweep_leftovers([paths["model_dir"], paths["output_dir"]])
     amp_dtype, use_scaler = engine.select_precision(device)
     precision = str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
     log(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
-        f"precision: {precision}, torch {torch.__version__}")
+        f"precision: {precision}, torch {torch.__version__}"
+        + (f"; DDP: {context.world_size} processes ({context.backend}), global batch "
+           f"{args.batch_size * context.world_size}" if context.enabled else ""))
 
     # ---- data
-    train_data = dataset.load_split(paths["data_dir"], "train")
+    split_bytes = sum(path.stat().st_size for path in dataset.find_split_files(paths["data_dir"], "train"))
+    memory_mode = loader.choose_memory_mode(args.data_in_memory, split_bytes)
+    streamed = memory_mode == "stream"
+    train_data = loader.scan_split(paths["data_dir"], "train") if streamed else dataset.load_split(paths["data_dir"], "train")
     if train_data["labels"] is None:
         raise dataset.DatasetError(f"{paths['data_dir']}: the train split has no labels")
-    test_data = dataset.load_split(paths["data_dir"], "test")
+    test_data = load_optional_test_split(paths["data_dir"], streamed)
     class_names = train_data["class_names"]
     num_classes = len(class_names)
-    if test_data["class_names"] and test_data["class_names"] != class_names:
-        raise dataset.DatasetError(f"{paths['data_dir']}: train and test pickles disagree on class_names: "
-                                   f"{class_names} vs {test_data['class_names']}")
     stored_size = int(train_data["images"].shape[1])
-    if test_data["images"].shape[1:] != train_data["images"].shape[1:]:
-        raise dataset.DatasetError(f"{paths['data_dir']}: train images are {train_data['images'].shape[1:3]} "
-                                   f"but test images are {test_data['images'].shape[1:3]}; re-run preprocess.py")
+    if test_data is not None:
+        if test_data["class_names"] and test_data["class_names"] != class_names:
+            raise dataset.DatasetError(f"{paths['data_dir']}: train and test pickles disagree on class_names: "
+                                       f"{class_names} vs {test_data['class_names']}")
+        if test_data["images"].shape[1:] != train_data["images"].shape[1:]:
+            raise dataset.DatasetError(f"{paths['data_dir']}: train images are {train_data['images'].shape[1:3]} "
+                                       f"but test images are {test_data['images'].shape[1:3]}; re-run preprocess.py")
+    num_test_images = len(test_data["ids"]) if test_data is not None else 0
     input_size = args.image_size or stored_size
     resize_policy = str(train_data["info"].get("resize_policy", "squash"))
     labels = train_data["labels"]
-    log(f"data: {len(labels)} train images, {len(test_data['ids'])} test images, {num_classes} classes, "
-        f"stored {stored_size} px, network input {input_size} px")
-    data_hash = checkpoint_lib.dataset_fingerprint(train_data["images"], train_data["ids"], labels,
-                                                   class_names, train_data["sites"])
+    log(f"data: {len(labels)} train images, {num_test_images} test images, {num_classes} classes, "
+        f"stored {stored_size} px, network input {input_size} px; images in memory: {memory_mode} "
+        f"(train pickles {split_bytes / 2**20:.1f} MiB)")
+    data_hash = data_fingerprint(train_data)
 
     # ---- split
     split_by = choose_split_by(args.split_by, train_data["sites"])
@@ -328,18 +405,22 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
     # ---- model, optimiser, schedule
     generator = seed_everything(args.seed, device)
     network = build_network(num_classes, args.weights).to(device)
-    if device.type == "cuda":
+    # DDP also on the CPU: its gradient buckets take the parameters' layout, which must match the
+    # channels_last gradients that channels_last batches produce.
+    if device.type == "cuda" or context.enabled:
         network = network.to(memory_format=torch.channels_last)
     optimizer = engine.build_optimizer(network, args.optimizer, args.learning_rate, args.weight_decay)
-    steps_per_epoch = loader.num_train_batches(len(train_index), args.batch_size)
+    # --batch-size is per process (as in torchvision's references): one step trains on
+    # batch_size * world_size images, each rank its own slice.
+    steps_per_epoch = loader.num_train_batches(len(train_index), args.batch_size * context.world_size)
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
     scheduler = engine.build_scheduler(optimizer, total_steps, warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = make_loss(labels[train_index], num_classes, args.class_weights, args.label_smoothing, device)
     augment = loader.GpuAugment(input_size)
-    train_images = loader.DeviceImages(train_data["images"][train_index], device)
-    val_images = loader.DeviceImages(train_data["images"][val_index], device)
+    train_images = loader.place_images(train_data["images"], train_index, device, memory_mode)
+    val_images = loader.place_images(train_data["images"], val_index, device, memory_mode)
     train_labels = torch.as_tensor(labels[train_index], device=device)
     val_labels = labels[val_index]
 
@@ -351,6 +432,9 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
         "label_smoothing": args.label_smoothing, "class_weights": args.class_weights,
         "weights": args.weights, "seed": args.seed, "val_fraction": args.val_fraction, "split_by": split_by,
     }
+    if context.enabled:
+        # Another process count draws other batches: its checkpoints cannot continue this run.
+        fingerprint["world_size"] = context.world_size
 
     # ---- resume
     history: list[dict] = []
@@ -364,7 +448,9 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
     resumed_from = None
     if paths["checkpoint_dir"] is not None:
         manager = checkpoint_lib.CheckpointManager(paths["checkpoint_dir"], keep=2, log=log)
-        found = manager.load_latest(fingerprint, map_location="cpu")
+        # Rank 0 reads the checkpoint and sends it to every rank (other nodes may not see its disk).
+        found = manager.load_latest(fingerprint, map_location="cpu") if context.is_main else None
+        found = distributed.broadcast_from_main(context, found)
         if found is not None:
             state, resumed_from = found
             unwrap(network).load_state_dict(state["model"])
@@ -386,9 +472,20 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
 
     if args.compile:
         network = torch.compile(network)
+    # Evaluation runs the module itself: under DDP the ranks predict different numbers of batches,
+    # and a DDP forward would wait for the others.
+    eval_network = network
+    if context.enabled:
+        network = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    stop_flag = StopFlag()
+    stop_requested = make_stop_check(stop_flag, context)
 
     def save_checkpoint(epoch_done: int, step_in_epoch: int, epoch_start_rng: dict | None) -> None:
         if manager is None:
+            return
+        if not context.is_main:
+            distributed.barrier(context)
             return
         state = {
             "model": unwrap(network).state_dict(), "optimizer": optimizer.state_dict(),
@@ -401,9 +498,9 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
         }
         path = manager.save(state, epoch_done, global_step, fingerprint)
         log(f"checkpoint saved: {path}")
+        distributed.barrier(context)
 
     # ---- epochs
-    stop_flag = StopFlag()
     stop_flag.install()
     try:
         epochs_without_improvement = history[-1]["epoch"] - best["epoch"] if history and best else 0
@@ -418,8 +515,9 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
             try:
                 train_stats = engine.train_one_epoch(
                     network, optimizer, scheduler, scaler, train_images, train_labels, args.batch_size, augment,
-                    loss_fn, generator, amp_dtype, epoch, start_step=global_step, stop_requested=stop_flag,
-                    progress=sys.stderr.isatty(), skip_batches=start_step)
+                    loss_fn, generator, amp_dtype, epoch, start_step=global_step, stop_requested=stop_requested,
+                    progress=sys.stderr.isatty(), skip_batches=start_step, rank=context.rank,
+                    world_size=context.world_size)
             except engine.NonFiniteLossError as exc:
                 raise TrainingError(
                     f"non-finite loss at epoch {exc.epoch}, step {exc.step}: training stopped, no checkpoint or "
@@ -435,17 +533,19 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
             train_stats = epoch_train_stats(partial_epoch)
             start_step, partial_epoch = 0, None
             network.eval()
-            eval_stats = engine.evaluate(network, val_images, val_labels, loss_fn, args.eval_batch_size,
-                                         input_size, amp_dtype, tta=args.tta)
+            distributed.broadcast_buffers(unwrap(network), context)  # rank 0's BatchNorm statistics
+            eval_stats = engine.evaluate(eval_network, val_images, val_labels, loss_fn, args.eval_batch_size,
+                                         input_size, amp_dtype, tta=args.tta, rank=context.rank,
+                                         world_size=context.world_size)
             lr = optimizer.param_groups[0]["lr"]
             record = per_epoch_fields(epoch, train_stats, eval_stats, lr, time.monotonic() - tick)
+            matrix = metrics.confusion_matrix(val_labels, np.argmax(eval_stats["probs"], axis=1), num_classes)
+            # Only in metrics.json: metrics.csv and the [METRICS] line keep their fixed EPOCH_FIELDS.
+            record["per_class"] = metrics.per_class_report(matrix, class_names)
             history.append(record)
             improved = best is None or record["val_logloss"] < best["val_logloss"]
             if improved:
-                predicted = np.argmax(eval_stats["probs"], axis=1)
-                matrix = metrics.confusion_matrix(val_labels, predicted, num_classes)
-                best = {key: record[key] for key in ("epoch", "val_loss", "val_logloss", "val_acc")}
-                best["per_class"] = metrics.per_class_report(matrix, class_names)
+                best = {key: record[key] for key in ("epoch", "val_loss", "val_logloss", "val_acc", "per_class")}
                 best["confusion_matrix"] = np.asarray(matrix).tolist()
                 best_state = host_state_dict(unwrap(network))
                 best_val_probs = np.asarray(eval_stats["probs"], dtype=np.float64)
@@ -456,6 +556,7 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
                 f"val_loss {record['val_loss']:.4f} logloss {record['val_logloss']:.4f} acc {record['val_acc']:.4f} | "
                 f"lr {lr:.2e} | {record['epoch_seconds']:.1f} s, {record['train_images_per_s']:.0f} img/s"
                 + (" | best" if improved else ""))
+            log("per-class F1: " + ", ".join(f"{entry['class']} {entry['f1']:.2f}" for entry in record["per_class"]))
             log(outputs.metrics_line(record))
             if args.patience and epochs_without_improvement >= args.patience:
                 early_stopped = True
@@ -469,10 +570,13 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
     # ---- final model and outputs (from the best epoch)
     unwrap(network).load_state_dict(best_state)
     network.eval()
-    test_seconds = time.monotonic()
-    test_images = loader.DeviceImages(test_data["images"], device)
-    test_probs = engine.predict_probs(network, test_images, args.eval_batch_size, input_size, amp_dtype, tta=args.tta)
-    test_seconds = time.monotonic() - test_seconds
+    test_probs, test_info = None, {"skipped": f"no test_data.pkl in {paths['data_dir']}"}
+    if test_data is not None:
+        test_seconds = time.monotonic()
+        test_images = loader.place_images(test_data["images"], None, device, memory_mode)
+        test_probs = engine.predict_probs(eval_network, test_images, args.eval_batch_size, input_size, amp_dtype,
+                                          tta=args.tta, rank=context.rank, world_size=context.world_size)
+        test_info = {"tta": bool(args.tta), "seconds": time.monotonic() - test_seconds}
     prior = class_prior(labels, num_classes)
     preprocessing = {
         "image_size": input_size, "stored_image_size": stored_size, "resize_policy": resize_policy,
@@ -486,68 +590,104 @@ def run_training(args: argparse.Namespace, paths: dict) -> None:
         "resize_policy": resize_policy, "device": str(device), "precision": precision,
         "torch_version": torch.__version__, "python_version": platform.python_version(),
         "data_sha256": data_hash, "class_names": list(class_names), "num_train_images": int(len(train_index)),
-        "num_val_images": int(len(val_index)), "num_test_images": int(len(test_data["ids"])),
+        "num_val_images": int(len(val_index)), "num_test_images": num_test_images,
         "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps,
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "memory_mode": memory_mode, "world_size": context.world_size, "global_batch_size": args.batch_size * context.world_size,
     }
+    if not context.is_main:
+        return
     write_all_outputs(paths, history, best, best_state, best_val_probs, val_index, is_val, train_data,
                       test_data, test_probs, prior, class_names, preprocessing, resolved,
-                      test_info={"tta": bool(args.tta), "seconds": test_seconds})
+                      test_info)
     log(f"done in {time.monotonic() - started:.1f} s: best epoch {best['epoch']} "
         f"(val_logloss {best['val_logloss']:.4f}, val_acc {best['val_acc']:.4f}); model in {paths['model_dir']}, "
         f"outputs in {paths['output_dir']}")
 
 
+def load_optional_test_split(data_dir: Path, streamed: bool = False) -> dict | None:
+    """The test split (its images left on disk when ``streamed``), or None when preprocess wrote
+    train data only (training goes on without test predictions)."""
+    try:
+        return loader.scan_split(data_dir, "test") if streamed else dataset.load_split(data_dir, "test")
+    except FileNotFoundError:
+        log(f"note: no test_data.pkl in {data_dir}: training without test predictions "
+            "(test_predictions.csv is not written; use --predict-only on a folder with test data later)")
+        return None
+
+
+def sweep_leftovers(folders: list[Path]) -> None:
+    """Temp files and staging folders left in the output folders by runs that were killed."""
+    for folder in dict.fromkeys(folders):
+        for path in fileio.sweep_stale_temps(folder) + outputs.sweep_stale_staging(folder):
+            log(f"removed {path} (left by a run that was killed)")
+
+
 def write_test_predictions(path: Path, data_dir: Path, test_data: dict, test_probs: np.ndarray,
                            prior: np.ndarray, class_names: list[str]) -> dict:
-    """test_predictions.csv (every test id, skipped ones filled with ``prior``); returns a summary."""
+    """Write test_predictions.csv to ``path`` (every test id, skipped ones filled with ``prior``);
+    returns a summary."""
     skipped = outputs.read_skipped_test_ids(data_dir)
     written = set(test_data["ids"])
     skipped = [entry for entry in skipped if entry["id"] not in written]
-    csv_rows = outputs.csv_rows_from_meta(test_data["meta"], len(test_data["ids"]))
+    csv_rows = outputs.csv_rows_from_meta(test_data["meta"])
     order = outputs.submission_row_order(test_data["ids"], csv_rows, skipped)
     probs = outputs.assemble_test_predictions(test_data["ids"], test_probs, order, prior)
     outputs.write_probabilities(path, {"id": order}, probs, class_names)
     if skipped:
         log(f"warning: {len(skipped)} test image(s) skipped by preprocess got the training class prior: "
-            + ", ".join(f"{entry['id']} ({entry.get('reason', 'skipped')})" for entry in skipped[:10])
+            + ", ".join(f"{entry['id']} ({entry['reason']})" for entry in skipped[:10])
             + (" ..." if len(skipped) > 10 else ""))
-    log(f"test predictions: {len(order)} rows -> {path}")
     return {"num_images": len(order), "num_predicted": len(test_data["ids"]),
             "filled_with_prior": [entry["id"] for entry in skipped],
             "row_order": "test_features.csv" if csv_rows is not None else "sorted ids"}
 
 
 def write_all_outputs(paths: dict, history: list[dict], best: dict, best_state: dict, best_val_probs: np.ndarray,
-                      val_index: np.ndarray, is_val: np.ndarray, train_data: dict, test_data: dict,
-                      test_probs: np.ndarray, prior: np.ndarray, class_names: list[str], preprocessing: dict,
+                      val_index: np.ndarray, is_val: np.ndarray, train_data: dict, test_data: dict | None,
+                      test_probs: np.ndarray | None, prior: np.ndarray, class_names: list[str], preprocessing: dict,
                       resolved: dict, test_info: dict) -> None:
+    """Every output, rendered into staging folders first and published together only when all of
+    them were written: a failure here leaves the previous run's files as they were."""
     model_dir, output_dir = paths["model_dir"], paths["output_dir"]
     model_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_splits(output_dir / "splits.csv", train_data["ids"], train_data["sites"], is_val)
-    val_labels = train_data["labels"][val_index]
-    outputs.write_probabilities(
-        output_dir / "val_predictions.csv",
-        {"id": [train_data["ids"][i] for i in val_index], "site": [train_data["sites"][i] for i in val_index],
-         "label": [class_names[int(k)] for k in val_labels]},
-        best_val_probs, class_names)
-    test_summary = write_test_predictions(output_dir / "test_predictions.csv", paths["data_dir"], test_data,
-                                          test_probs, prior, class_names)
-    test_summary.update(test_info)
-    outputs.write_metrics(output_dir, history, best, test_summary)
-    metrics.plot_training_curves(history, output_dir / "training_curves.png")
-    metrics.plot_confusion_matrix(np.asarray(best["confusion_matrix"]), class_names,
-                                  output_dir / "confusion_matrix.png")
-    fileio.write_json(model_dir / "config.json", resolved)
-    network = model_lib.build_model(len(class_names), "none")
-    network.load_state_dict(best_state)
-    hyperparameters = {key: resolved[key] for key in (
-        "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
-        "class_weights", "weights", "seed", "val_fraction", "split_by", "tta")}
-    hyperparameters["best_epoch"] = best["epoch"]
-    # model.pth last: its presence means the whole run succeeded.
-    model_lib.save_model_artifact(model_dir / MODEL_FILENAME, network, class_names, preprocessing, hyperparameters)
+    with outputs.StagedFiles() as stage:
+        outputs.write_splits(stage.path(output_dir / "splits.csv"), train_data["ids"], train_data["sites"], is_val)
+        val_labels = train_data["labels"][val_index]
+        outputs.write_probabilities(
+            stage.path(output_dir / "val_predictions.csv"),
+            {"id": [train_data["ids"][i] for i in val_index], "site": [train_data["sites"][i] for i in val_index],
+             "label": [class_names[int(k)] for k in val_labels]},
+            best_val_probs, class_names)
+        test_path = output_dir / "test_predictions.csv"
+        if test_data is not None:
+            test_summary = write_test_predictions(stage.path(test_path), paths["data_dir"], test_data, test_probs,
+                                                  prior, class_names)
+        else:
+            # An earlier run's submission beside this run's model would be taken for this model's.
+            stage.remove(test_path)
+            test_summary = {}
+        test_summary.update(test_info)
+        outputs.write_metrics(stage.path(output_dir / "metrics.json"), stage.path(output_dir / "metrics.csv"),
+                              history, best, test_summary)
+        metrics.plot_training_curves(history, stage.path(output_dir / "training_curves.png"))
+        metrics.plot_confusion_matrix(np.asarray(best["confusion_matrix"]), class_names,
+                                      stage.path(output_dir / "confusion_matrix.png"))
+        fileio.write_json(stage.path(model_dir / "config.json"), resolved)
+        network = model_lib.build_model(len(class_names), "none")
+        network.load_state_dict(best_state)
+        hyperparameters = {key: resolved[key] for key in (
+            "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
+            "class_weights", "weights", "seed", "val_fraction", "split_by", "tta")}
+        hyperparameters["best_epoch"] = best["epoch"]
+        # model.pth staged (so published) last: its presence means the whole run succeeded.
+        model_lib.save_model_artifact(stage.path(model_dir / MODEL_FILENAME), network, class_names, preprocessing,
+                                      hyperparameters)
+        for removed in stage.publish():
+            log(f"removed {removed} (from an earlier run; this data has no test split)")
+    if test_data is not None:
+        log(f"test predictions: {test_summary['num_images']} rows -> {test_path}")
 
 
 # --------------------------------------------------------------------------- predict only
@@ -581,8 +721,9 @@ def run_predict_only(args: argparse.Namespace, paths: dict) -> None:
     images = loader.DeviceImages(test_data["images"], device)
     probs = engine.predict_probs(network, images, args.eval_batch_size, input_size, amp_dtype, tta=args.tta)
     prior = np.asarray(preprocessing.get("class_prior") or np.full(len(class_names), 1.0 / len(class_names)))
-    write_test_predictions(paths["output_dir"] / "test_predictions.csv", paths["data_dir"], test_data, probs, prior,
-                           class_names)
+    test_path = paths["output_dir"] / "test_predictions.csv"
+    summary = write_test_predictions(test_path, paths["data_dir"], test_data, probs, prior, class_names)
+    log(f"test predictions: {summary['num_images']} rows -> {test_path}")
 
 
 # --------------------------------------------------------------------------- main
@@ -591,7 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = resolve_paths(args)
         if args.predict_only:
-            run_predict_only(args, paths)
+            # Under torchrun the other ranks have nothing to do: one process writes the predictions.
+            if distributed.ranks_from_env()[0] == 0:
+                run_predict_only(args, paths)
         else:
             run_training(args, paths)
         return 0
@@ -601,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
         return SIGTERM_EXIT_CODE
     except Exception as exc:  # noqa: BLE001 - every failure must reach stderr and SageMaker's failure file
         expected = (dataset.DatasetError, FileNotFoundError, model_lib.WeightsError,
-                    checkpoint_lib.CheckpointMismatchError, TrainingError, ValueError, OSError)
+                    checkpoint_lib.CheckpointMismatchError, TrainingError, distributed.DistributedSetupError,
+                    ValueError, OSError)
         if not isinstance(exc, expected):
             traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}"

@@ -9,6 +9,7 @@
     AWS_ENDPOINT_URL=http://localhost:9000 python preprocess.py --input s3://bucket/data/ --output-dir ./output
     AWS_REQUEST_CHECKSUM_CALCULATION=when_required python preprocess.py ...  # S3-compatible stores
     python preprocess.py --input ./data --output-dir ./output --num-shards 4 --shard-index 0   # 1 of 4 runs
+    python preprocess.py --input ./data --output-dir ./output --strict      # any skip -> exit 3
 
 Input layout (Conser-vision): train_labels.csv (id + one-hot class columns, or id + label),
 train_features.csv / test_features.csv (id, filepath, site), images in train_features/ and
@@ -24,7 +25,11 @@ preprocessing_summary.txt and preprocessing_summary.json. Every skipped object i
 summaries with its key and reason; per split, listed = written + skipped. Re-running on the same
 input gives byte-identical pickles (nothing from the clock goes into them; timings live under the
 summaries' "timing" keys only). A download that fails after all retries is skipped and recorded;
-the run fails when every image of a split is skipped. S3 bodies are checked against S3's
+the run fails when every image of a split is skipped; with ``--strict`` any skipped image or
+rejected CSV row fails the run (exit 3) after the summaries are written. Leakage checks (B8): an id
+or an identical image file (sha256 of the bytes) in both train and test, and a class with no train
+image, are warnings in the summaries (the test split is unlabelled, so they do not corrupt
+training; they do make test predictions meaningless for those images). S3 bodies are checked against S3's
 checksum (or an MD5 ETag) and refetched when they arrived corrupt (see dss/sources.py). A write
 that fails (disk full) stops the run with the path and errno; nothing partial is left under a
 final name. This script never imports torch.
@@ -35,12 +40,14 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import hashlib
 import io
 import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
+from multiprocessing import shared_memory
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -57,6 +64,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no ext
 SUMMARY_NAME = "preprocessing_summary"
 DECODE_BATCH = 8            # images per task sent to a decode process (amortises IPC)
 SPLIT_TITLES = {"train": "TRAINING", "test": "TEST"}  # the prototype's stage lines
+STRICT_EXIT_CODE = 3        # --strict: the run completed but skipped something
+LEAKAGE_EXAMPLES = 20       # ids / id pairs quoted in the summary per leakage kind
 METADATA_COLUMNS = ("id", "site", "label", "source_key", "orig_width", "orig_height", "orig_mode", "was_grey")
 
 
@@ -285,6 +294,7 @@ class Plan:
     warnings: list[str]
     mode: str  # "csv" or "images_only"
     label_of: dict[str, int] | None = None  # the labels CSV, id -> class index (train)
+    leakage: dict = field(default_factory=dict)  # B8, filled after processing (see leakage_report)
 
 
 def nested_dataset_folders(infos: list[sources.ObjectInfo], layout: Layout) -> dict[str, list[str]]:
@@ -371,18 +381,47 @@ def _collect_problems(table, problems: list[dict], warnings: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------- decoding
-def decode_batch(batch: list[tuple[int, bytes]], image_size: int, policy: str, max_pixels: int):
-    """Runs in a worker process: [(row, bytes)] -> [(row, array or None, info or (reason, message))]."""
+def decode_batch(batch: list[tuple[int, bytes | str]], image_size: int, policy: str, max_pixels: int,
+                 out: np.ndarray) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
+    """Decode ``[(row, bytes or local file path)]`` into ``out[row]`` ((N, S, S, 3) uint8).
+
+    Returns ``[(row, info, None)]`` for written rows and ``[(row, None, (reason, message))]`` for skips.
+    """
     results = []
     for row, data in batch:
         try:
-            array, info = images.decode_and_resize(data, image_size, policy, max_pixels)
-            results.append((row, array, info))
-        except images.ImageSkip as skip:
+            if isinstance(data, str):  # a folder source: the decode process reads the file itself
+                data = sources.read_local_file(data)
+            out[row], info = images.decode_and_resize(data, image_size, policy, max_pixels)
+            info["sha256"] = hashlib.sha256(data).hexdigest()  # B8: same file in train and test
+            info["bytes"] = len(data)
+            results.append((row, info, None))
+        except (images.ImageSkip, sources.ObjectSkip) as skip:
             results.append((row, None, (skip.reason, str(skip))))
         except Exception as exc:  # a decoder bug must not lose the other images: record it by name
             results.append((row, None, ("unexpected_error", f"{type(exc).__name__}: {exc}")))
     return results
+
+
+# In a decode process: the shared output block it currently writes into, as (SharedMemory, ndarray view).
+_attached_block: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
+
+
+def decode_batch_shared(batch: list[tuple[int, bytes | str]], image_size: int, policy: str, max_pixels: int,
+                        block_name: str, block_shape: tuple[int, ...]):
+    """``decode_batch`` in a worker process, writing straight into the parent's shared-memory block, so
+    only small info dicts travel back (a 224 px image is 150 KB; pickling it back cost more than its resize)."""
+    current = _attached_block.get("block")
+    if current is None or current[0].name != block_name:
+        if current is not None:
+            previous, view = _attached_block.pop("block")
+            del view
+            previous.close()
+        # Decode processes share the parent's resource tracker, which already knows this block
+        # (registration is idempotent); the parent unlinks it, this process only closes its mapping.
+        block = shared_memory.SharedMemory(name=block_name)
+        _attached_block["block"] = (block, np.ndarray(block_shape, dtype=np.uint8, buffer=block.buf))
+    return decode_batch(batch, image_size, policy, max_pixels, _attached_block["block"][1])
 
 
 def _decode_pool(workers: int) -> ProcessPoolExecutor | None:
@@ -403,6 +442,7 @@ class SplitResult:
     skipped: list[dict]
     seconds: float
     source_stats: dict
+    content_sha256: list[str] = field(default_factory=list)  # per written row (not stored in the pickle)
 
 
 def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str], image_size: int,
@@ -413,7 +453,10 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     stats_before = source.stats.as_dict()
     items = plan.items
     count = len(items)
-    block = np.empty((count, image_size, image_size, 3), dtype=np.uint8)  # (N, S, S, 3), filled by row
+    shape = (count, image_size, image_size, 3)  # (N, S, S, 3), filled by row
+    # With decode processes the block lives in shared memory, so workers write rows in place.
+    shared = shared_memory.SharedMemory(create=True, size=max(int(np.prod(shape)), 1)) if pool is not None else None
+    block = np.ndarray(shape, dtype=np.uint8, buffer=shared.buf) if shared is not None else np.empty(shape, np.uint8)
     written = np.zeros(count, dtype=bool)
     decoded_info: list[dict | None] = [None] * count
     skipped = list(plan.skipped)
@@ -431,46 +474,54 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
         rows_by_key[item.key] = row
 
     def take(results):
-        for row, array, info in results:
-            if array is None:
-                reason, message = info
+        for row, info, problem in results:
+            if info is None:
+                reason, message = problem
                 item = items[row]
                 skipped.append(_skip(item.key, item.id, reason, message, item.csv_row))
             else:
-                block[row] = array
                 written[row] = True
                 decoded_info[row] = info
             progress.update(1)
 
-    progress = tqdm(total=len(rows_by_key), desc=plan.name, unit="img",
-                    disable=quiet or not sys.stderr.isatty())
-    pending = set()
-    batch: list[tuple[int, bytes]] = []
-    max_pending = 4 * workers  # decode tasks in flight: keeps every process busy, bounds memory
-    try:
+    def submit(batch):
+        if pool is None:
+            take(decode_batch(batch, image_size, policy, max_pixels, block))
+            return
+        pending.add(pool.submit(decode_batch_shared, batch, image_size, policy, max_pixels, shared.name, shape))
+        while len(pending) >= max_pending:
+            done, still_pending = wait(pending, return_when=FIRST_COMPLETED)
+            pending.difference_update(done)
+            for future in done:
+                take(future.result())
+
+    def fetched():
+        """(row, bytes or path): folders hand paths to the decode processes, S3 objects are downloaded here."""
+        if source.local_path("") is not None:
+            for key, row in rows_by_key.items():
+                yield row, source.local_path(key)
+            return
         for key, result in source.fetch_many(list(rows_by_key), threads=download_threads):
             row = rows_by_key[key]
             if isinstance(result, sources.ObjectSkip):
                 skipped.append(_skip(key, items[row].id, result.reason, str(result), items[row].csv_row))
                 progress.update(1)
                 continue
-            batch.append((row, result))
-            if len(batch) < DECODE_BATCH:
-                continue
-            if pool is None:
-                take(decode_batch(batch, image_size, policy, max_pixels))
-            else:
-                pending.add(pool.submit(decode_batch, batch, image_size, policy, max_pixels))
-                while len(pending) >= max_pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        take(future.result())
-            batch = []
+            yield row, result
+
+    progress = tqdm(total=len(rows_by_key), desc=plan.name, unit="img",
+                    disable=quiet or not sys.stderr.isatty())
+    pending = set()
+    batch: list[tuple[int, bytes | str]] = []
+    max_pending = 4 * workers  # decode tasks in flight: keeps every process busy, bounds memory
+    try:
+        for row, data in fetched():
+            batch.append((row, data))
+            if len(batch) >= DECODE_BATCH:
+                submit(batch)
+                batch = []
         if batch:
-            if pool is None:
-                take(decode_batch(batch, image_size, policy, max_pixels))
-            else:
-                pending.add(pool.submit(decode_batch, batch, image_size, policy, max_pixels))
+            submit(batch)
         for future in pending:
             take(future.result())
     except BrokenProcessPool as exc:
@@ -478,6 +529,14 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
                               "try fewer --workers") from exc
     finally:
         progress.close()
+        if shared is not None:
+            # Copy the written rows out of shared memory (in order), then release it.
+            block = block[np.flatnonzero(written)]
+            shared.close()
+            shared.unlink()
+            shared = None
+    if source.local_path("") is not None:
+        source.stats.add(bytes_read=sum(info["bytes"] for info in decoded_info if info is not None))
 
     skipped.sort(key=lambda entry: (entry["id"], entry["key"]))
     seconds = time.perf_counter() - started
@@ -487,11 +546,12 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     if len(kept_rows) == 0:
         return SplitResult(plan, None, skipped, seconds, source_stats)
 
-    # Trim in place: move written rows up (sorted order is kept), then take the leading view.
-    for target, row in enumerate(kept_rows):
-        if target != row:
-            block[target] = block[row]
-    block = block[:len(kept_rows)]
+    if len(block) != len(kept_rows):
+        # Trim in place: move written rows up (sorted order is kept), then take the leading view.
+        for target, row in enumerate(kept_rows):
+            if target != row:
+                block[target] = block[row]
+        block = block[:len(kept_rows)]
     kept = [items[row] for row in kept_rows]
     infos = [decoded_info[row] for row in kept_rows]
     data = {
@@ -521,7 +581,7 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     }
     if plan.has_csv_rows:
         data["meta"]["csv_row"] = np.array([item.csv_row for item in kept], dtype=np.int64)
-    return SplitResult(plan, data, skipped, seconds, source_stats)
+    return SplitResult(plan, data, skipped, seconds, source_stats, [info["sha256"] for info in infos])
 
 
 def check_alignment(result: SplitResult, label_of: dict[str, int] | None) -> None:
@@ -686,7 +746,42 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
         if result.data is not None:
             check_alignment(result, plan.label_of if split_plan.has_labels else None)
         results.append(result)
+    plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
+    for warning in leakage_warnings:
+        log(f"WARNING: {warning}")
+    plan.warnings.extend(leakage_warnings)
     return results
+
+
+def leakage_report(results: list[SplitResult], class_names: list[str]) -> tuple[dict, list[str]]:
+    """B8: ids and identical image files (sha256 of the bytes) in both train and test, and classes
+    with no train image. Policy: warnings, not errors (the test split carries no labels)."""
+    by_split = {result.plan.name: result for result in results if result.data is not None}
+    report, warnings = {}, []
+    train, test = by_split.get("train"), by_split.get("test")
+    if train is not None and test is not None:
+        shared_ids = sorted(set(train.data["ids"].tolist()) & set(test.data["ids"].tolist()))
+        report["ids_in_both_splits"] = {"count": len(shared_ids), "examples": shared_ids[:LEAKAGE_EXAMPLES]}
+        if shared_ids:
+            warnings.append(f"{len(shared_ids)} id(s) are in both train and test, e.g. {shared_ids[:3]}: "
+                            "check that the features CSVs are not mixed up")
+        train_id_of = {}
+        for image_id, digest in zip(train.data["ids"].tolist(), train.content_sha256):
+            train_id_of.setdefault(digest, image_id)
+        pairs = sorted((train_id_of[digest], image_id)
+                       for image_id, digest in zip(test.data["ids"].tolist(), test.content_sha256)
+                       if digest in train_id_of)
+        report["images_in_both_splits"] = {"count": len(pairs), "examples": [list(p) for p in pairs[:LEAKAGE_EXAMPLES]]}
+        if pairs:
+            warnings.append(f"{len(pairs)} test image(s) are byte-identical to a train image (train id, test id), "
+                            f"e.g. {pairs[:3]}: the same photo is in both splits")
+    if train is not None and train.data["labels"] is not None and class_names:
+        counts = np.bincount(train.data["labels"], minlength=len(class_names))
+        missing = [name for name, count in zip(class_names, counts.tolist()) if count == 0]
+        report["classes_without_train_images"] = missing
+        if missing:
+            warnings.append(f"class(es) {missing} have no train image: the model can never learn them")
+    return report, warnings
 
 
 def run(source: sources.Source, output: sources.Output, input_uri: str, layout: Layout, image_size: int,
@@ -721,6 +816,7 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
         "splits": {},
         "csv_problems": plan.csv_problems,
         "warnings": plan.warnings,
+        "leakage": plan.leakage,
     }
     log(f"\n{len(plan.splits) + 1}. Saving preprocessed data to {output.describe()}...")
     to_publish = []
@@ -763,6 +859,16 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
     log(f"Saved {output.describe(names['summary_json'])}")
     log(f"\nPREPROCESSING COMPLETE: {total_written} images in {total_seconds:.1f} s")
     return summary
+
+
+def strict_problem(summary: dict, summary_location: str) -> str | None:
+    """--strict: one line naming how many images were skipped / CSV rows rejected, or None."""
+    skipped = sum(split["skipped_count"] for split in summary["splits"].values())
+    rejected = len(summary["csv_problems"])
+    if not skipped and not rejected:
+        return None
+    return (f"--strict: {skipped} image(s) skipped and {rejected} CSV row(s) rejected; the outputs were written, "
+            f"but the run fails. Each one is listed with its key and reason in {summary_location}")
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -809,6 +915,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-shards", type=config.positive_int, default=1,
                         help="split every split's sorted ids into K contiguous shards ...")
     parser.add_argument("--shard-index", type=config.non_negative_int, default=0, help="... and process shard i")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {STRICT_EXIT_CODE} (after writing the summaries) if any image was skipped "
+                             "or any CSV row rejected: a clean dataset or a failing run")
     parser.add_argument("--quiet", action="store_true", help="only errors")
     args = parser.parse_args(argv)
     if args.shard_index >= args.num_shards:
@@ -831,9 +940,15 @@ def main(argv=None) -> int:
                                      max_object_bytes=int(args.max_object_mb * 2**20),
                                      verify_etag=not args.no_etag_check)
         output = sources.open_output(args.output_dir, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
-        run(source, output, args.input, layout, args.image_size, args.resize, args.max_pixels, args.workers,
-            args.download_threads, limit=args.limit, shard_index=args.shard_index, num_shards=args.num_shards,
-            quiet=args.quiet)
+        summary = run(source, output, args.input, layout, args.image_size, args.resize, args.max_pixels,
+                      args.workers, args.download_threads, limit=args.limit, shard_index=args.shard_index,
+                      num_shards=args.num_shards, quiet=args.quiet)
+        if args.strict:
+            problem = strict_problem(summary, output.describe(_file_names(args.num_shards, args.shard_index)["summary_txt"]))
+            if problem:
+                print(f"ERROR: {problem}", file=sys.stderr)
+                config.write_sagemaker_failure(f"preprocess: {problem}")
+                return STRICT_EXIT_CODE
     except (PreprocessError, sources.SourceError, labels.LabelsError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         config.write_sagemaker_failure(f"preprocess: {exc}")

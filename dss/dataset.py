@@ -26,6 +26,7 @@ import io
 import os
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,43 @@ def _fresh_wrapper(target):
     return wrapper
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickler that only resolves the numpy array/dtype/scalar constructors."""
+class _BoundedReader:
+    """A file wrapper for the unpickler: no single read may ask for more bytes than the file holds.
+
+    A corrupt or crafted length field (a frame, BINBYTES8, BYTEARRAY8) would otherwise make the
+    unpickler allocate that many bytes before noticing the data is missing.
+    """
+
+    def __init__(self, handle, size: int):
+        self._handle = handle
+        self.size = size
+
+    def read(self, count: int = -1) -> bytes:
+        if count is None or count < 0 or count > self.size:
+            count = self.size
+        return self._handle.read(count)
+
+    def readinto(self, buffer) -> int:
+        return self._handle.readinto(buffer)
+
+    def readline(self) -> bytes:
+        return self._handle.readline(self.size)
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickler that only resolves the numpy array/dtype/scalar constructors.
+
+    Built on the pure-Python unpickler: its memo is a dict, so a crafted memo index (LONG_BINPUT
+    4e9) cannot make it allocate gigabytes as the C unpickler's memo array would; our pickles hold
+    few opcodes (the pixels are one BYTEARRAY8), so this costs nothing measurable.
+    """
+
+    def __init__(self, file, size: int | None = None):
+        if size is None:
+            size = _remaining_size(file)
+        self._size_limit = size
+        self._reader = _BoundedReader(file, size)
+        super().__init__(self._reader)
 
     def find_class(self, module: str, name: str):
         target = _ALLOWED.get((module, name))
@@ -185,6 +221,33 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("forbidden: persistent ids in pickle")
+
+    def _load_bytearray8_bounded(self):
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self._size_limit:
+            raise pickle.UnpicklingError(f"a byte array declares {length} bytes but the file holds {self._size_limit}: "
+                                         "truncated or corrupt")
+        buffer = bytearray(length)
+        frame = self._unframer.current_frame
+        if frame is not None and frame.tell() < len(frame.getvalue()):
+            self.readinto(buffer)  # a small array inside the current frame
+        else:
+            # Large arrays are written outside frames: read straight into the buffer (one copy,
+            # where the pure-Python unframer would read a temporary bytes object and copy it).
+            self._unframer.current_frame = None
+            if self._reader.readinto(buffer) != length:
+                raise pickle.UnpicklingError("pickle data was truncated inside a byte array")
+        self.append(buffer)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8_bounded
+
+
+def _remaining_size(file) -> int:
+    position = file.tell()
+    end = file.seek(0, io.SEEK_END)
+    file.seek(position)
+    return end - position
 
 
 def safe_loads(data: bytes) -> Any:
@@ -207,7 +270,8 @@ def read_pickle_file(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as exc:
         raise DatasetError(f"{path}: refused to load: {exc}. Re-run preprocess.py to rebuild it.") from exc
     except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
-            MemoryError, RecursionError, UnicodeDecodeError) as exc:
+            MemoryError, RecursionError, UnicodeDecodeError, SystemError, struct.error) as exc:
+        # SystemError: numpy's dtype.__setstate__ on a corrupt BUILD state (found by bench/fuzz.py).
         raise DatasetError(f"{path}: not a valid dataset pickle ({type(exc).__name__}: {exc}). "
                            "It is truncated or corrupt: re-run preprocess.py.") from exc
 

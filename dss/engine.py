@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dss import metrics
-from dss.loader import DeviceImages, GpuAugment, eval_transform, num_train_batches, train_batch_indices
+from dss import distributed, metrics
+from dss.loader import DeviceImages, GpuAugment, eval_transform, num_train_batches
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -98,7 +98,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
                     loss_fn: Callable, generator: torch.Generator, amp_dtype: torch.dtype | None, epoch: int,
                     start_step: int, stop_requested: Callable[[], bool] | None = None, progress: bool = True,
                     sync_every: int = 16, skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> dict:
-    """One pass over the training images (drop_last batches of a fresh device-side permutation).
+    """One pass over the training images (drop_last batches of a fresh device-side permutation;
+    ``images`` is a ``DeviceImages`` or a streamed ``ShardedImages``).
 
     ``labels``: int64 (N,) on the device. ``scheduler`` is stepped after every optimizer step.
     ``stop_requested`` is polled after every step (e.g. a SIGTERM flag); when it returns True the
@@ -126,7 +127,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     started = time.perf_counter()
     bar = tqdm(total=total_batches, initial=skip_batches, desc=f"epoch {epoch}", leave=False, unit="batch",
                disable=not progress or not sys.stderr.isatty() or rank != 0)
-    for batch_number, global_index in enumerate(train_batch_indices(len(images), global_batch, generator, device)):
+    for batch_number, global_index in enumerate(images.train_batches(global_batch, generator)):
         draws = augment.draw(global_index.numel(), generator)
         if batch_number < skip_batches:
             continue
@@ -206,19 +207,28 @@ def _raise_if_non_finite(first_bad_step: torch.Tensor, step: int, epoch: int, wo
 
 
 def _predict_logits(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
-                    amp_dtype: torch.dtype | None, tta: bool) -> torch.Tensor:
-    """float32 logits on the device: (N, C), or (N, 2, C) with TTA (original, horizontal flip)."""
+                    amp_dtype: torch.dtype | None, tta: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """float32 logits on the device: (N, C), or (N, 2, C) with TTA (original, horizontal flip).
+
+    With ``world_size > 1`` each rank predicts its contiguous share of the images and the shares
+    are gathered, so every rank returns all N rows in image order. ``model`` must then be the
+    plain (not DDP-wrapped) module: the ranks run different numbers of forward passes."""
+    sharded = world_size > 1 and len(images) >= world_size
+    first, last = distributed.shard_bounds(len(images), rank, world_size) if sharded else (0, len(images))
     outputs = []
     device = images.device
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            inputs = eval_transform(images.slice(start, start + batch_size), out_size)
+        for start in range(first, last, batch_size):
+            inputs = eval_transform(images.slice(start, min(start + batch_size, last)), out_size)
             with _autocast(device, amp_dtype):
                 logits = model(inputs).float()
                 if tta:
                     logits = torch.stack([logits, model(inputs.flip(3)).float()], dim=1)
             outputs.append(logits)
-    return torch.cat(outputs)
+        local = torch.cat(outputs)
+        if sharded:
+            return distributed.all_gather_rows(local, len(images), world_size)
+    return local
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -229,33 +239,37 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
-                  amp_dtype: torch.dtype | None, tta: bool = False) -> np.ndarray:
+                  amp_dtype: torch.dtype | None, tta: bool = False, rank: int = 0, world_size: int = 1
+                  ) -> np.ndarray:
     """Softmax probabilities float64 (N, C), rows in image order, computed in large batches
     with the model in eval mode (its previous mode is restored). ``tta``: average with the
-    horizontally flipped image."""
+    horizontally flipped image. ``world_size > 1``: sharded over the ranks and gathered (every
+    rank must call it and gets all rows)."""
     if len(images) == 0:
         raise ValueError("no images to predict")
     was_training = model.training
     model.eval()
     try:
-        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta)
+        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
     finally:
         model.train(was_training)
     return _log_probs(logits.double().cpu()).exp().numpy()
 
 
 def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, batch_size: int,
-             out_size: int, amp_dtype: torch.dtype | None, tta: bool = False) -> dict:
+             out_size: int, amp_dtype: torch.dtype | None, tta: bool = False, rank: int = 0,
+             world_size: int = 1) -> dict:
     """Validation numbers: ``val_loss`` (``loss_fn``, the training objective, on the predicted
     log-probabilities), ``val_logloss`` (plain clipped multiclass log loss: the competition
-    metric), ``val_acc``, and ``probs`` float64 (N, C)."""
+    metric), ``val_acc``, and ``probs`` float64 (N, C). ``world_size > 1``: predictions sharded
+    over the ranks and gathered, so every rank returns the same numbers for all N images."""
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):
         raise ValueError(f"labels has shape {labels.shape}, expected ({len(images)},) to match the images")
     was_training = model.training
     model.eval()
     try:
-        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta)
+        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
     finally:
         model.train(was_training)
     log_probs = _log_probs(logits)

@@ -1,16 +1,22 @@
 """The files dss_train.py leaves behind, with the column names users and tests depend on.
 
 Output dir: metrics.json, metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv
-(plots are drawn by dss.metrics). Every file is written atomically through dss.fileio.
+(plots are drawn by dss.metrics). Every file is written atomically through dss.fileio, and a
+training run's files are published together (``StagedFiles``): a run that fails while writing
+its outputs leaves the previous run's files as they were.
 Also the fixed ``[METRICS]`` stdout line that SageMaker ``metric_definitions`` regexes parse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +30,8 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "
 # Order of the fields on the stdout [METRICS] line (fixed: users' regexes depend on it).
 METRICS_LINE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_logloss")
 SUMMARY_GLOB = "preprocessing_summary*.json"
+# Staging folder of a run inside each destination folder (same filesystem, so os.replace is atomic).
+_STAGING_PATTERN = re.compile(r"^\.staging-(?P<pid>\d+)$")
 
 
 def metrics_line(record: dict) -> str:
@@ -46,12 +54,12 @@ def _number(value) -> str:
     return repr(value) if math.isfinite(value) else str(value)
 
 
-def write_metrics(output_dir: str | Path, epochs: list[dict], best: dict, test: dict) -> None:
-    """metrics.json ({"epochs", "best", "test"}) and metrics.csv (one row per epoch, EPOCH_FIELDS)."""
-    output_dir = Path(output_dir)
-    fileio.write_json(output_dir / "metrics.json", {"epochs": epochs, "best": best, "test": test})
+def write_metrics(json_path: str | Path, csv_path: str | Path, epochs: list[dict], best: dict, test: dict) -> None:
+    """metrics.json ({"epochs", "best", "test"}; an epoch record may carry more than EPOCH_FIELDS,
+    e.g. "per_class") and metrics.csv (one row per epoch, exactly EPOCH_FIELDS)."""
+    fileio.write_json(json_path, {"epochs": epochs, "best": best, "test": test})
     rows = [[int(record["epoch"])] + [_number(record[name]) for name in EPOCH_FIELDS[1:]] for record in epochs]
-    fileio.write_text(output_dir / "metrics.csv", _csv_text(EPOCH_FIELDS, rows))
+    fileio.write_text(csv_path, _csv_text(EPOCH_FIELDS, rows))
 
 
 def write_splits(path: str | Path, ids: Sequence[str], sites: Sequence[str], is_val: np.ndarray) -> None:
@@ -84,58 +92,42 @@ def normalise_rows(probs: np.ndarray) -> np.ndarray:
 def read_skipped_test_ids(data_dir: str | Path) -> list[dict]:
     """Test images preprocess skipped, from ``preprocessing_summary*.json`` in ``data_dir``.
 
-    Returns ``[{"id": ..., "reason": ..., ...}, ...]`` (possibly empty). The summary lists them
-    under its test split's ``skipped`` entries; entries without an ``id`` cannot get a row.
+    Returns the entries of ``splits.test.skipped`` (``{key, id, reason, message[, csv_row]}``),
+    one per id, across all shards' summaries; empty when no summary lists a test split.
     """
     skipped, seen = [], set()
     for path in sorted(Path(data_dir).glob(SUMMARY_GLOB)):
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: unreadable preprocessing summary ({exc})") from exc
-        for entry in _test_skipped_entries(summary):
-            if isinstance(entry, dict) and entry.get("id") and entry["id"] not in seen:
+            entries = summary["splits"].get("test", {}).get("skipped", [])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: unreadable preprocessing summary ({type(exc).__name__}: {exc}); "
+                             "re-run preprocess.py") from exc
+        for entry in entries:
+            # One id can be skipped more than once (e.g. its first file undecodable, the others
+            # duplicate_id); it still gets a single row.
+            if entry["id"] not in seen:
                 seen.add(entry["id"])
                 skipped.append(dict(entry))
     return skipped
 
 
-def _test_skipped_entries(summary: dict) -> list:
-    if not isinstance(summary, dict):
-        return []
-    splits = summary.get("splits")
-    if isinstance(splits, dict) and isinstance(splits.get("test"), dict):
-        return list(splits["test"].get("skipped") or [])
-    if isinstance(splits, list):
-        for item in splits:
-            if isinstance(item, dict) and item.get("split") == "test":
-                return list(item.get("skipped") or [])
-    if isinstance(summary.get("test"), dict):
-        return list(summary["test"].get("skipped") or [])
-    return []
-
-
 def submission_row_order(ids: Sequence[str], csv_rows: Sequence[int] | None, skipped: list[dict]) -> list[str]:
     """All test ids (written + skipped) in ``test_features.csv`` order when the row numbers are
     known for every one of them, else sorted."""
-    skipped_rows = [entry.get("csv_row", entry.get("row")) for entry in skipped]
+    skipped_rows = [entry.get("csv_row") for entry in skipped]
     all_ids = list(ids) + [entry["id"] for entry in skipped]
-    if csv_rows is not None and all(isinstance(row, (int, np.integer)) for row in skipped_rows):
+    if csv_rows is not None and all(row is not None for row in skipped_rows):
         rows = [int(row) for row in csv_rows] + [int(row) for row in skipped_rows]
         return [image_id for _, image_id in sorted(zip(rows, all_ids))]
     return sorted(all_ids)
 
 
-def csv_rows_from_meta(meta: dict, count: int) -> list[int] | None:
-    """Row numbers in test_features.csv recorded by preprocess, when present and complete."""
-    for key in ("csv_row", "row", "row_index"):
-        values = meta.get(key)
-        if values is not None and len(values) == count:
-            try:
-                return [int(value) for value in values]
-            except (TypeError, ValueError):
-                return None
-    return None
+def csv_rows_from_meta(meta: dict) -> list[int] | None:
+    """Row numbers in test_features.csv that preprocess records as ``meta["csv_row"]`` (absent
+    when the test images came without a CSV)."""
+    values = meta.get("csv_row")
+    return None if values is None else [int(value) for value in values]
 
 
 def assemble_test_predictions(ids: Sequence[str], probs: np.ndarray, order: Sequence[str],
@@ -148,3 +140,118 @@ def assemble_test_predictions(ids: Sequence[str], probs: np.ndarray, order: Sequ
         index = by_id.get(image_id)
         out[row] = prior if index is None else probs[index]
     return normalise_rows(out)
+
+
+# --------------------------------------------------------------------------- publishing a run's files
+def _staging_folder(folder: Path) -> Path:
+    return folder / f".staging-{os.getpid()}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the renames durable; some filesystems cannot open or fsync a folder, which is fine.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sweep_stale_staging(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.staging-<pid>`` folders left in ``folder`` by runs that died (their pid is gone).
+    Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        match = _STAGING_PATTERN.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group("pid"))
+        if pid != os.getpid() and _process_exists(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+class StagedFiles:
+    """A set of output files that replace their final names together, or not at all.
+
+    Writers write to ``stage.path(final)`` (``<final's folder>/.staging-<pid>/<name>``, through
+    dss.fileio as usual); ``publish()`` then ``os.replace``s every staged file onto its final name,
+    in the order the paths were asked for (put the file whose presence means "run complete" last),
+    after removing the names given to ``remove``. Used as a context manager, the staging folders
+    are deleted on exit, so a failure before ``publish()`` leaves the final names untouched.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []  # (staged path, final path)
+        self._remove: list[Path] = []
+        self._folders: list[Path] = []
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """Where to write the file that will become ``final``."""
+        final = Path(final)
+        if any(final == known for _, known in self._staged) or final in self._remove:
+            raise ValueError(f"{final} is staged twice")
+        staging = _staging_folder(final.parent)
+        staging.mkdir(parents=True, exist_ok=True)
+        if staging not in self._folders:
+            self._folders.append(staging)
+        staged = staging / final.name
+        self._staged.append((staged, final))
+        return staged
+
+    def remove(self, final: str | os.PathLike) -> None:
+        """Delete ``final`` at publish time, if it exists (an output this run does not produce)."""
+        final = Path(final)
+        if any(final == known for _, known in self._staged):
+            raise ValueError(f"{final} is both staged and to be removed")
+        self._remove.append(final)
+
+    def publish(self) -> list[Path]:
+        """Move every staged file onto its final name; returns the paths removed as stale.
+
+        Every check that can fail is done before the first rename, so an error leaves all final
+        names as they were (renames within one folder do not fail short of a crash)."""
+        for staged, final in self._staged:
+            if not staged.is_file():
+                raise FileNotFoundError(f"{staged}: nothing was written for {final}")
+        for final in [final for _, final in self._staged] + self._remove:
+            if final.is_dir() and not final.is_symlink():
+                raise IsADirectoryError(f"{final} is a directory: cannot replace it with this run's file; "
+                                        "move it away and re-run")
+        removed = []
+        for final in self._remove:
+            if final.is_file() or final.is_symlink():
+                final.unlink()
+                removed.append(final)
+        for staged, final in self._staged:
+            os.replace(staged, final)
+        for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
+            _fsync_folder(folder)
+        return removed
+
+    def discard(self) -> None:
+        """Delete the staging folders and whatever is still in them."""
+        for folder in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders = []

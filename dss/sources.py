@@ -163,6 +163,10 @@ class Source:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def local_path(self, key: str) -> str | None:
+        """A path any process can open for ``key`` (folders), or None (the bytes must be fetched)."""
+        return None
+
     def read(self, key: str) -> bytes:
         raise NotImplementedError
 
@@ -228,6 +232,17 @@ class Source:
 
 
 # --------------------------------------------------------------------------- local folder
+def read_local_file(path: str) -> bytes:
+    """Read one listed file; a vanished or unreadable file is an ObjectSkip (also in decode processes)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ObjectSkip("missing", f"{path} disappeared after it was listed") from None
+    except OSError as exc:
+        raise ObjectSkip("read_failed", f"{path}: {exc}") from None
+
+
 class LocalSource(Source):
     kind = "folder"
 
@@ -263,15 +278,12 @@ class LocalSource(Source):
         return self._path(key).is_file()
 
     def read(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ObjectSkip("missing", f"{path} disappeared after it was listed") from None
-        except OSError as exc:
-            raise ObjectSkip("read_failed", f"{path}: {exc}") from None
+        data = read_local_file(self.local_path(key))
         self.stats.add(bytes_read=len(data))
         return data
+
+    def local_path(self, key: str) -> str:
+        return str(self._path(key))
 
     def describe(self, key: str = "") -> str:
         return str(self._path(key)) if key else str(self.root)
@@ -528,7 +540,7 @@ class LocalOutput(Output):
         probe = self.folder / ".preprocess-write-check"
         try:
             fileio.write_bytes(probe, b"ok")
-            probe.unlink()
+            probe.unlink(missing_ok=True)  # D6: a concurrent run may have removed the shared probe first
         except OSError as exc:
             full = " (disk full)" if exc.errno == errno.ENOSPC else ""
             raise SourceError(f"output folder {self.folder} is not writable{full}: {exc}") from exc

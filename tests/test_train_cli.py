@@ -8,8 +8,10 @@ same epoch history and the same test predictions.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -74,10 +76,18 @@ def test_every_output_is_written_with_the_contract_columns(reference):
     report = json.loads((models / "metrics.json").read_text())
     assert set(report) == {"epochs", "best", "test"}
     assert [row["epoch"] for row in report["epochs"]] == [1, 2]
-    assert all(list(row) == EPOCH_COLUMNS for row in report["epochs"])
+    # metrics.json epochs: the contract fields, then the per-class report of that epoch.
+    assert all(list(row) == EPOCH_COLUMNS + ["per_class"] for row in report["epochs"])
+    num_val = int((pd.read_csv(models / "splits.csv")["split"] == "val").sum())
+    for row in report["epochs"]:
+        assert [entry["class"] for entry in row["per_class"]] == class_names
+        for entry in row["per_class"]:
+            assert set(entry) == {"class", "precision", "recall", "f1", "support"}
+            assert all(0.0 <= entry[key] <= 1.0 for key in ("precision", "recall", "f1"))
+        assert sum(entry["support"] for entry in row["per_class"]) == num_val
     assert report["best"]["epoch"] in (1, 2)
     assert report["best"]["val_logloss"] == min(row["val_logloss"] for row in report["epochs"])
-    assert [entry["class"] for entry in report["best"]["per_class"]] == class_names
+    assert report["best"]["per_class"] == report["epochs"][report["best"]["epoch"] - 1]["per_class"]
     assert report["test"]["num_images"] == 40
 
     config = json.loads((models / "config.json").read_text())
@@ -100,6 +110,13 @@ def test_val_logloss_recomputed_from_val_predictions(reference):
     best = json.loads((models / "metrics.json").read_text())["best"]
     assert recomputed == pytest.approx(best["val_logloss"], rel=1e-9)
     assert np.mean(probs.argmax(axis=1) == truth) == pytest.approx(best["val_acc"])
+    # The best epoch's per-class report, recomputed from the same predictions.
+    predicted = probs.argmax(axis=1)
+    for index, entry in enumerate(best["per_class"]):
+        true_positive = np.sum((predicted == index) & (truth == index))
+        assert entry["support"] == np.sum(truth == index)
+        assert entry["recall"] == pytest.approx(true_positive / max(np.sum(truth == index), 1))
+        assert entry["precision"] == pytest.approx(true_positive / max(np.sum(predicted == index), 1))
     # The validation rows are exactly the "val" rows of splits.csv.
     splits = pd.read_csv(models / "splits.csv")
     assert set(frame["id"]) == set(splits.loc[splits["split"] == "val", "id"])
@@ -126,6 +143,8 @@ def test_test_predictions_one_row_per_id_in_csv_order(reference, demo_data):
 def test_metrics_lines_parse_with_the_metric_regexes(reference):
     lines = [line for line in reference["stdout"].splitlines() if line.startswith("[METRICS]")]
     assert len(lines) == 2
+    per_class_lines = [line for line in reference["stdout"].splitlines() if line.startswith("per-class F1: ")]
+    assert len(per_class_lines) == 2 and "antelope_duiker 0." in per_class_lines[0], per_class_lines
     assert all(LINE_RE.match(line) for line in lines), lines
     table = pd.read_csv(reference["models"] / "metrics.csv")
     for index, line in enumerate(lines):
@@ -368,3 +387,71 @@ def test_image_skipped_by_preprocess_still_gets_a_row_with_the_class_prior(refer
     prior = torch.load(reference["models"] / "model.pth", weights_only=True)["preprocessing"]["class_prior"]
     np.testing.assert_allclose(predictions.iloc[2, 1:].to_numpy(dtype=float), prior, atol=1e-12)
     np.testing.assert_allclose(predictions.iloc[:, 1:].to_numpy().sum(axis=1), 1.0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- re-runs and train-only data
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def test_train_only_data_trains_and_replaces_the_previous_runs_outputs(reference, demo_pickles, tmp_path):
+    """preprocess may write train data only: training goes on, without test predictions; a re-run into
+    a model dir holding an earlier run replaces its outputs and drops its stale test_predictions.csv."""
+    data, models = tmp_path / "data", tmp_path / "models"
+    data.mkdir()
+    shutil.copy(demo_pickles / "train_data.pkl", data / "train_data.pkl")
+    shutil.copytree(reference["models"], models)
+    before = _files(models)
+    result = run_script("dss_train.py", ["--data-dir", data, "--model-dir", models, *COMMON[2:], "--epochs", "1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"no test_data.pkl in {data}" in result.stdout
+    assert f"removed {models / 'test_predictions.csv'}" in result.stdout
+    assert not (models / "test_predictions.csv").exists()
+    report = json.loads((models / "metrics.json").read_text())
+    assert report["test"] == {"skipped": f"no test_data.pkl in {data}"}
+    assert [row["epoch"] for row in report["epochs"]] == [1] and "per_class" in report["epochs"][0]
+    after = _files(models)
+    for name in ("model.pth", "config.json", "metrics.json", "metrics.csv", "training_curves.png"):
+        assert after[name] != before[name], name
+    assert torch.load(models / "model.pth", weights_only=True)["hyperparameters"]["epochs"] == 1
+    assert json.loads((models / "config.json").read_text())["num_test_images"] == 0
+    assert not [path.name for path in models.iterdir() if path.name.startswith(".")]
+
+
+def _limit_file_size(max_bytes: int):
+    def apply():  # runs in the child: a write past max_bytes fails with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+@pytest.mark.parametrize("fault", ["model_write_fails", "target_is_a_directory"])
+def test_a_failure_while_writing_outputs_leaves_the_previous_run_untouched(fault, reference, demo_pickles, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(reference["models"], models)
+    dead_staging = models / ".staging-999999999"  # above Linux's pid_max: no such process
+    (dead_staging).mkdir()
+    (dead_staging / "metrics.csv").write_text("left by a killed run")
+    live_staging = models / f".staging-{os.getpid()}"  # a run that is still going (this test process)
+    live_staging.mkdir()
+    preexec = None
+    if fault == "model_write_fails":
+        # Every other output is a few kB; model.pth (ResNet18) is ~45 MB, written last.
+        preexec = _limit_file_size(4 * 1024 * 1024)
+    else:
+        (models / "confusion_matrix.png").unlink()
+        (models / "confusion_matrix.png").mkdir()
+    before = _files(models)
+    command = [PYTHON, str(REPO_ROOT / "dss_train.py"), "--data-dir", str(demo_pickles), "--model-dir", str(models),
+               *COMMON[2:], "--epochs", "1"]
+    result = subprocess.run(command, env=clean_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=preexec)
+    assert result.returncode == 1, result.stdout + result.stderr
+    if fault == "model_write_fails":
+        assert "File too large" in result.stderr, result.stderr
+    else:
+        assert "confusion_matrix.png is a directory" in result.stderr, result.stderr
+    assert "[METRICS] epoch=1" in result.stdout  # it trained, then failed while writing
+    assert _files(models) == before
+    assert not dead_staging.exists() and f"removed {dead_staging}" in result.stdout
+    assert live_staging.is_dir()
+    assert sorted(path.name for path in models.iterdir() if path.name.startswith(".")) == [live_staging.name]
