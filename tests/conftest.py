@@ -109,3 +109,47 @@ def demo_pickles(demo_data, tmp_path_factory) -> Path:
     result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", out, "--image-size", "32"])
     assert result.returncode == 0, result.stdout + result.stderr
     return out
+
+
+DEMO_SHARDS = 3  # shards written by the ``demo_shards`` fixture
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data, tmp_path_factory) -> Path:
+    """``demo_data`` preprocessed at 32 px as DEMO_SHARDS shard runs into one folder."""
+    out = tmp_path_factory.mktemp("shards")
+    for index in range(DEMO_SHARDS):
+        result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", out, "--image-size", "32",
+                                              "--workers", "1", "--num-shards", str(DEMO_SHARDS),
+                                              "--shard-index", str(index), "--quiet"])
+        assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tests with torch on the CI machine's few shared cores: one intra-op thread is much faster
+    than two contending (use with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs: a real ENOSPC. Needs root (CI and dev machines run as root)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; D1 is then covered only where tests run as root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

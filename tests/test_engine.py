@@ -22,13 +22,7 @@ SIZE = 16
 
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The CI machine's few cores are shared: one intra-op thread is much faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 def colour_problem(count: int = 48, seed: int = 0):
     """Three classes told apart by which colour channel is bright: learnable in a few steps."""

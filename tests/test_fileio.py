@@ -36,21 +36,6 @@ def test_exception_inside_keeps_old_file_and_removes_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 64 KiB tmpfs: a real ENOSPC. Needs root (CI and dev machines run as root)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; D1 is then covered only where tests run as root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_d1_disk_full_surfaces_enospc_and_keeps_previous_file(tiny_filesystem):

@@ -14,13 +14,7 @@ CPU = torch.device("cpu")
 
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The CI machine's few cores are shared: one intra-op thread is much faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 def random_images(count: int = 12, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)

@@ -23,13 +23,7 @@ CLASSES = ["antelope_duiker", "bird", "blank"]
 
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """The CI machine's few cores are shared: one intra-op thread is much faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 def test_build_model_random_init_has_the_class_count():
     model = build_model(5, "none")

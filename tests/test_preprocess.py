@@ -548,21 +548,6 @@ def test_folder_run_imports_neither_boto3_nor_torch(tmp_path):
 
 
 # ---------------------------------------------------------------------------- disk full (D1)
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 64 KiB tmpfs: a real ENOSPC. Needs root (CI and dev machines run as root)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; D1 is then covered only where tests run as root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_disk_full_while_writing_the_pickle_is_one_clear_error(demo_data, tiny_filesystem):

@@ -12,33 +12,20 @@ import pytest
 import torch
 
 from dss import dataset, loader
-from tests.conftest import run_script
-
-NUM_SHARDS = 3
+from tests.conftest import DEMO_SHARDS as NUM_SHARDS, run_script
 
 
 @pytest.fixture(scope="module")
-def shard_dir(demo_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stream-shards")
-    for index in range(NUM_SHARDS):
-        result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", out, "--image-size", "32",
-                                              "--workers", "1", "--num-shards", str(NUM_SHARDS),
-                                              "--shard-index", str(index), "--quiet"])
-        assert result.returncode == 0, result.stdout + result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(shard_dir):
-    return dataset.load_split(shard_dir, "train")
+def loaded(demo_shards):
+    return dataset.load_split(demo_shards, "train")
 
 
 def nchw(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
-def test_scan_keeps_metadata_not_images(shard_dir, loaded):
-    scanned = loader.scan_split(shard_dir, "train")
+def test_scan_keeps_metadata_not_images(demo_shards, loaded):
+    scanned = loader.scan_split(demo_shards, "train")
     assert isinstance(scanned["images"], loader.ShardedImages)
     assert scanned["images"].shape == loaded["images"].shape
     assert scanned["ids"] == list(loaded["ids"]) and scanned["sites"] == list(loaded["sites"])
@@ -46,8 +33,8 @@ def test_scan_keeps_metadata_not_images(shard_dir, loaded):
     assert scanned["class_names"] == loaded["class_names"]
 
 
-def test_every_row_once_per_epoch_in_a_shard_shuffled_order(shard_dir, loaded):
-    images = loader.scan_split(shard_dir, "train")["images"].to_device(torch.device("cpu"))
+def test_every_row_once_per_epoch_in_a_shard_shuffled_order(demo_shards, loaded):
+    images = loader.scan_split(demo_shards, "train")["images"].to_device(torch.device("cpu"))
     batch_size = 16
     generator = torch.Generator().manual_seed(0)
     epochs = []
@@ -68,8 +55,8 @@ def test_every_row_once_per_epoch_in_a_shard_shuffled_order(shard_dir, loaded):
     images.close()
 
 
-def test_slices_and_subsets_match_the_loaded_split(shard_dir, loaded):
-    images = loader.scan_split(shard_dir, "train")["images"]
+def test_slices_and_subsets_match_the_loaded_split(demo_shards, loaded):
+    images = loader.scan_split(demo_shards, "train")["images"]
     subset_index = np.arange(0, len(images), 3)
     subset = images.subset(subset_index).to_device(torch.device("cpu"))
     expected = loaded["images"][subset_index]
@@ -89,9 +76,9 @@ def test_auto_streams_only_when_the_split_exceeds_the_host_memory_share():
         loader.choose_memory_mode("disk", split_bytes=1)
 
 
-def test_training_on_streamed_shards(shard_dir, tmp_path):
+def test_training_on_streamed_shards(demo_shards, tmp_path):
     models = tmp_path / "models"
-    result = run_script("dss_train.py", ["--data-dir", shard_dir, "--model-dir", models, "--epochs", "1",
+    result = run_script("dss_train.py", ["--data-dir", demo_shards, "--model-dir", models, "--epochs", "1",
                                          "--batch-size", "16", "--weights", "none", "--num-threads", "1",
                                          "--data-in-memory", "stream"])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -103,4 +90,4 @@ def test_training_on_streamed_shards(shard_dir, tmp_path):
     class_names = list(val.columns[3:])
     np.testing.assert_allclose(val[class_names].sum(axis=1), 1.0, atol=1e-6)
     test = pd.read_csv(models / "test_predictions.csv")
-    assert len(test) == len(dataset.load_split(shard_dir, "test")["ids"])
+    assert len(test) == len(dataset.load_split(demo_shards, "test")["ids"])
