@@ -37,7 +37,6 @@ from dss import fileio
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 REQUIRED_KEYS = ("images", "ids", "labels", "class_names", "sites", "meta", "info")
-META_FIELDS = ("source_key", "orig_width", "orig_height", "orig_mode", "was_grey")
 PICKLE_PROTOCOL = 5
 
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)_data-(?P<index>\d{5})-of-(?P<count>\d{5})\.pkl$")
@@ -248,10 +247,6 @@ def _remaining_size(file) -> int:
     end = file.seek(0, io.SEEK_END)
     file.seek(position)
     return end - position
-
-
-def safe_loads(data: bytes) -> Any:
-    return SafeUnpickler(io.BytesIO(data)).load()
 
 
 def _ndarray_state_guard(obj: Any, path: str) -> None:

@@ -238,6 +238,17 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+def _eval_mode_logits(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
+                      amp_dtype: torch.dtype | None, tta: bool, rank: int, world_size: int) -> torch.Tensor:
+    """``_predict_logits`` with the model in eval mode; its previous mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
+    finally:
+        model.train(was_training)
+
+
 def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
                   amp_dtype: torch.dtype | None, tta: bool = False, rank: int = 0, world_size: int = 1
                   ) -> np.ndarray:
@@ -247,12 +258,7 @@ def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int, out_s
     rank must call it and gets all rows)."""
     if len(images) == 0:
         raise ValueError("no images to predict")
-    was_training = model.training
-    model.eval()
-    try:
-        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
-    finally:
-        model.train(was_training)
+    logits = _eval_mode_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
     return _log_probs(logits.double().cpu()).exp().numpy()
 
 
@@ -266,12 +272,7 @@ def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):
         raise ValueError(f"labels has shape {labels.shape}, expected ({len(images)},) to match the images")
-    was_training = model.training
-    model.eval()
-    try:
-        logits = _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
-    finally:
-        model.train(was_training)
+    logits = _eval_mode_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
     log_probs = _log_probs(logits)
     targets = torch.from_numpy(labels).to(log_probs.device)
     with torch.inference_mode():

@@ -91,12 +91,8 @@ def read_labels(
     """
     name = str(path)
     header, rows = _read_rows(path, data)
-    if ID_COLUMN not in header:
-        raise LabelsError(
-            f"{name}: line 1 must be a header with an {ID_COLUMN!r} column; found columns {header}. "
-            f"Expected '{ID_COLUMN},<class 1>,<class 2>,...' (one-hot 0/1) or '{ID_COLUMN},{LABEL_COLUMN}'."
-        )
-    id_index = header.index(ID_COLUMN)
+    id_index = _id_column(name, header, f"'{ID_COLUMN},<class 1>,<class 2>,...' (one-hot 0/1) or "
+                                        f"'{ID_COLUMN},{LABEL_COLUMN}'")
     warnings: list[str] = []
     problems: list[RowProblem] = []
     accepted: list[tuple[int, str, str]] = []  # (line, id, class name)
@@ -154,12 +150,7 @@ def read_features(path: str | os.PathLike, *, data: bytes | None = None) -> Feat
     """
     name = str(path)
     header, rows = _read_rows(path, data)
-    if ID_COLUMN not in header:
-        raise LabelsError(
-            f"{name}: line 1 must be a header with an {ID_COLUMN!r} column; found columns {header}. "
-            f"Expected '{ID_COLUMN},filepath,site'."
-        )
-    id_index = header.index(ID_COLUMN)
+    id_index = _id_column(name, header, f"'{ID_COLUMN},filepath,site'")
     value_indices = [header.index(column) if column in header else None for column in FEATURE_COLUMNS]
     warnings: list[str] = []
     ignored = [column for column in header if column != ID_COLUMN and column not in FEATURE_COLUMNS]
@@ -294,6 +285,14 @@ def _dedupe(
             f"{name}: {len(repeats)} duplicate row(s) with the same {what} dropped, first kept: {_first_few(repeats)}"
         )
     return kept
+
+
+def _id_column(name: str, header: list[str], expected: str) -> int:
+    """Index of the ``id`` column, or a LabelsError naming the file, what was found and what is expected."""
+    if ID_COLUMN not in header:
+        raise LabelsError(f"{name}: line 1 must be a header with an {ID_COLUMN!r} column; found columns {header}. "
+                          f"Expected {expected}.")
+    return header.index(ID_COLUMN)
 
 
 def _show(values: tuple) -> str:
