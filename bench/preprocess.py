@@ -15,10 +15,13 @@ Rows (all on the same 2N generated 960x540 JPEGs, dss.sample with one frame size
 (a)-(c) are marginal rates: N / (wall time over 2N images - wall time over N images), so start-up
 (interpreter, imports, listing, process pool) cancels out. The N run is the 2N dataset with
 ``--limit N`` (first N ids), so both runs list the same objects.
+(a), (b), (d) and the threaded (e) are measured --rounds times, interleaved ((d) before and after
+each round), and the table shows medians: the speed of a shared VM drifts by +-15% within minutes,
+and interleaving lets every row see the same drift. (c) and the 1-thread (e) run once.
 Ratios: (b)/(d) is how much of the decode limit the folder path reaches; (a)/min(e, d) is how
 much of the slower of the network and decode limits the S3 path reaches ((e) with threads).
 The moto server is a single Python process on the same machine: its GET rate is a limit of this
-benchmark, not of S3. Timings on a busy machine are noisy: run it when the machine is quiet.
+benchmark, not of S3, and the CPU it uses (printed, from /proc) is taken from the decode processes. Timings on a busy machine are noisy: run it when the machine is quiet.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="generate the JPEGs here and keep them; reused when it holds 2N train JPEGs of 960x540 "
                              "(the seed is not checked)")
     parser.add_argument("--seed", type=int, default=0, help="dss.sample seed of the generated JPEGs")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="repeat (a), (b), (d), (e) this many times, interleaved; the table shows medians")
+    parser.add_argument("--decode-sample", type=positive_int, default=500,
+                        help="JPEGs (of the first N) timed for (d), before and after every round")
     parser.add_argument("--save", action="store_true",
                         help="also write the table as markdown to bench/results/preprocess-<date>.md")
     args = parser.parse_args(argv)
@@ -264,6 +271,19 @@ def render_report(args, info: list[str], rows: list[tuple], ratios: list[str]) -
     return "\n".join(lines + [""] + [f"- {ratio}" for ratio in ratios]) + "\n"
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     n = args.n
@@ -271,6 +291,9 @@ def main(argv=None) -> int:
     print("\n".join(info), flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     server = None
+    # Per round: (d) before and after, (b) N and 2N, (e) threads, (a) N and 2N; medians over the rounds,
+    # so a machine whose speed drifts between measurements (shared VMs) affects every row alike.
+    decode, folder, s3, get_threaded, server_cores_a, server_cores_e = [], {n: [], 2 * n: []}, {n: [], 2 * n: []}, [], [], []
     try:
         data_root = args.keep_dir or scratch / "data"
         keys = prepare_images(data_root, 2 * n, args.seed)
@@ -278,28 +301,43 @@ def main(argv=None) -> int:
         client = server.client(max_pool_connections=max(10, args.download_threads))
         upload(client, data_root, threads=8)
         first_n = keys[:n]
-
-        # (e) what the endpoint can serve, and (d) what one decode process can do.
-        get_1 = get_only(client, first_n, threads=1)
-        get_t = get_only(client, first_n, threads=args.download_threads)
-        blobs = [(data_root / key).read_bytes() for key in first_n]
-        one_process = decode_rate(blobs, args.image_size)
-        del blobs
-        # (c) the naive loop, N then 2N.
-        naive = [naive_loop(client, keys[:count], args.image_size) for count in (n, 2 * n)]
-        # (a) and (b): preprocess.py subprocesses, N then 2N.
+        blobs = [(data_root / key).read_bytes() for key in first_n[:args.decode_sample]]
         s3_uri = f"s3://{BUCKET}/{PREFIX}/"
         common = dict(image_size=args.image_size, workers=args.workers, download_threads=args.download_threads,
                       scratch=scratch)
-        from_s3 = [run_preprocess(s3_uri, count, server.env(), **common) for count in (n, 2 * n)]
-        from_folder = [run_preprocess(str(data_root), count, child_env(), **common) for count in (n, 2 * n)]
+        get_1 = get_only(client, first_n, threads=1)
+        naive = [naive_loop(client, keys[:count], args.image_size) for count in (n, 2 * n)]
+        for round_number in range(1, args.rounds + 1):
+            decode.append(decode_rate(blobs, args.image_size))
+            for count in (n, 2 * n):
+                folder[count].append(run_preprocess(str(data_root), count, child_env(), **common))
+            server_before, started = process_cpu_seconds(server.process.pid), time.perf_counter()
+            get_threaded.append(get_only(client, first_n, threads=args.download_threads))
+            server_cores_e.append((process_cpu_seconds(server.process.pid) - server_before)
+                                  / (time.perf_counter() - started))
+            server_cpu = {}
+            for count in (n, 2 * n):
+                server_before = process_cpu_seconds(server.process.pid)
+                s3[count].append(run_preprocess(s3_uri, count, server.env(), **common))
+                server_cpu[count] = process_cpu_seconds(server.process.pid) - server_before
+            # The server's share of the cores over the extra N images of the 2N run.
+            server_cores_a.append((server_cpu[2 * n] - server_cpu[n]) / (s3[2 * n][-1] - s3[n][-1]))
+            decode.append(decode_rate(blobs, args.image_size))
+            print(f"round {round_number}/{args.rounds}: (d) {decode[-2] * args.workers:,.0f} -> "
+                  f"{decode[-1] * args.workers:,.0f}, (b) {marginal(n, folder[n][-1], folder[2 * n][-1]):,.0f}, "
+                  f"(e) {n / get_threaded[-1]:,.0f}, (a) {marginal(n, s3[n][-1], s3[2 * n][-1]):,.0f} images/s",
+                  flush=True)
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)  # outputs, and the JPEGs unless --keep-dir
 
+    from_s3 = [median(s3[count]) for count in (n, 2 * n)]
+    from_folder = [median(folder[count]) for count in (n, 2 * n)]
     rate_a, rate_b, rate_c = (marginal(n, *pair) for pair in (from_s3, from_folder, naive))
+    one_process = median(decode)
     rate_d = one_process * args.workers
+    get_t = median(get_threaded)
     rate_e1, rate_et = n / get_1, n / get_t
     rows = [
         ("(a) preprocess.py from S3 (moto)", f"{from_s3[0]:.2f}", f"{from_s3[1]:.2f}", rate_a),
@@ -315,6 +353,11 @@ def main(argv=None) -> int:
         f"(a)/min(e {args.download_threads} threads, d) S3 vs the slower limit: "
         f"{format_ratio(rate_a / min(rate_et, rate_d))}",
         f"(a)/(c) S3 preprocess vs naive loop: {format_ratio(rate_a / rate_c)}",
+        f"moto server CPU use (cores of {os.cpu_count()}): {median(server_cores_e):.2f} during (e), "
+        f"{median(server_cores_a):.2f} during (a)'s extra N images, where the decode processes need the same cores",
+        f"{args.rounds} round(s), medians; per round (d) {', '.join(f'{r * args.workers:,.0f}' for r in decode)}; "
+        f"(b) {', '.join(format_rate(marginal(n, a, b)) for a, b in zip(folder[n], folder[2 * n]))}; "
+        f"(a) {', '.join(format_rate(marginal(n, a, b)) for a, b in zip(s3[n], s3[2 * n]))}",
     ]
     report = render_report(args, info, rows, ratios)
     print()

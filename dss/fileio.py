@@ -17,7 +17,8 @@ from typing import IO, Iterator
 _TEMP_PATTERN = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp$")
 
 
-def _temp_path(final: Path) -> Path:
+def temp_path(final: Path) -> Path:
+    """The temp name beside ``final`` that this process writes first (swept if the process dies)."""
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
 
 
@@ -45,7 +46,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         raise ValueError(f"atomic_write supports modes 'wb' and 'w', not {mode!r}")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_path(final)
+    temp = temp_path(final)
     if mode == "w":
         handle = open(temp, "w", encoding=encoding or "utf-8", newline="")
     else:
@@ -60,6 +61,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
+    _fsync_dir(final.parent)
+
+
+def replace_with_temp(temp: Path, final: Path) -> None:
+    """Make a fully written and fsync'd ``temp`` (from ``temp_path``) the file ``final``, durably."""
+    os.replace(temp, final)
     _fsync_dir(final.parent)
 
 
