@@ -81,10 +81,33 @@ CREDENTIALS_HELP = (
     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys); "
     "on SageMaker/EC2 the instance role provides them. Check with `aws sts get-caller-identity`."
 )
+# S3 itself needs no region (botocore then uses us-east-1 and follows S3's redirect to the bucket's
+# region), but a region that is set must be valid: an empty one builds "s3..amazonaws.com" or signs
+# with an empty scope, a malformed one raises InvalidRegionError.
+REGION_HELP = (
+    "Set AWS_DEFAULT_REGION to the bucket's region (e.g. eu-west-1), or unset it and drop `region` "
+    "from the profile in the AWS config file (AWS_CONFIG_FILE, default ~/.aws/config): S3 works "
+    "without a region (us-east-1 is used and S3 redirects to the bucket's region)."
+)
+ACCESS_KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 class SourceError(RuntimeError):
     """The run cannot continue with this source or output (message says what to do)."""
+
+
+def credentials_error(exc, needed_for: str) -> SourceError:
+    """SourceError for botocore's No/PartialCredentialsError (C11): its message verbatim, what the
+    credentials were needed for, and how to configure them. botocore reports a lone
+    AWS_ACCESS_KEY_ID as partial but silently ignores a lone AWS_SECRET_ACCESS_KEY, so name that here."""
+    from botocore.exceptions import PartialCredentialsError
+
+    hint = ""
+    present = [name for name in ACCESS_KEY_VARIABLES if os.environ.get(name)]
+    if len(present) == 1 and not isinstance(exc, PartialCredentialsError):
+        missing = next(name for name in ACCESS_KEY_VARIABLES if name not in present)
+        hint = f" {present[0]} is set but {missing} is not: an access key needs both."
+    return SourceError(f"{exc} (needed to {needed_for}).{hint} {CREDENTIALS_HELP}")
 
 
 class ObjectSkip(Exception):
@@ -295,9 +318,11 @@ def make_s3_client(endpoint_url: str | None = None, max_attempts: int = DEFAULT_
                    read_timeout: float = DEFAULT_READ_TIMEOUT_S,
                    max_pool_connections: int = DEFAULT_DOWNLOAD_THREADS + 4, session=None):
     """A boto3 S3 client with standard-mode retries, timeouts and a connection pool sized for the
-    download threads. ``endpoint_url=None`` leaves botocore's own resolution (AWS_ENDPOINT_URL...)."""
+    download threads. ``endpoint_url=None`` leaves botocore's own resolution (AWS_ENDPOINT_URL...).
+    Raises SourceError for partial credentials, an empty or malformed region (C11) or a bad endpoint URL (C12)."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import InvalidRegionError, PartialCredentialsError
 
     config = Config(
         retries={"mode": "standard", "total_max_attempts": max_attempts},  # first try included
@@ -306,7 +331,19 @@ def make_s3_client(endpoint_url: str | None = None, max_attempts: int = DEFAULT_
         max_pool_connections=max_pool_connections,
     )
     session = session or boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+    region = session.region_name  # AWS_DEFAULT_REGION or the profile's `region`; None when neither is set
+    if region is not None and not region.strip():
+        raise SourceError(f"the AWS region is set but empty ({region!r}, from AWS_DEFAULT_REGION or the "
+                          f"profile's `region`). {REGION_HELP}")
+    try:
+        return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+    except PartialCredentialsError as exc:  # credentials are resolved here, when the client is made
+        raise credentials_error(exc, "sign S3 requests") from exc
+    except InvalidRegionError as exc:  # before ValueError: it is one
+        raise SourceError(f"{exc} (from AWS_DEFAULT_REGION or the profile's `region`). {REGION_HELP}") from exc
+    except ValueError as exc:  # botocore's "Invalid endpoint: <url>"
+        raise SourceError(f"{exc}: check --endpoint-url / AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 "
+                          "(a URL with scheme and host, e.g. http://localhost:9000)") from exc
 
 
 def _request_id(metadata: dict) -> str:
@@ -344,7 +381,7 @@ class S3Source(Source):
 
         where = f"s3://{self.bucket}/{_join_key(self.prefix, key)}"
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return SourceError(f"{exc} (needed to {action} {where}). {CREDENTIALS_HELP}")
+            return credentials_error(exc, f"{action} {where}")
         if isinstance(exc, ClientError):
             code, message, request_id, status = _error_details(exc)
             if code in MISSING_BUCKET_CODES or (status == 404 and not key):
@@ -576,7 +613,7 @@ class S3Output(Output):
 
         where = self.describe()
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return SourceError(f"{exc} (needed to write to {where}). {CREDENTIALS_HELP}")
+            return credentials_error(exc, f"write to {where}")
         if isinstance(exc, ClientError):
             code, message, request_id, status = _error_details(exc)
             if code in MISSING_BUCKET_CODES:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import uuid
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -52,6 +55,60 @@ def test_a7_object_above_the_cap_is_never_requested(s3_server, s3_client, tmp_pa
     assert [url.rsplit("/", 1)[-1] for url in requested] == ["small.jpg"]
     (entry,) = summary["splits"]["test"]["skipped"]
     assert (entry["key"], entry["reason"]) == ("huge.jpg", "too_large") and "200000-byte cap" in entry["message"]
+
+
+# ---------------------------------------------------------------------------- A8 PSD
+def minimal_psd(pixels: np.ndarray) -> bytes:
+    """An uncompressed 8-bit RGB Photoshop file for ``pixels`` (H, W, 3) uint8, written by hand
+    (Pillow reads PSD but cannot write it): 26-byte header, empty colour-mode-data, image-resources
+    and layer/mask sections, then compression 0 and the channels as planes (all R, then G, then B)."""
+    height, width, channels = pixels.shape
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, channels, height, width, 8, 3)  # version 1, depth 8, RGB = 3
+    empty_sections = struct.pack(">III", 0, 0, 0)
+    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1)).tobytes()
+    return header + empty_sections + struct.pack(">H", 0) + planes
+
+
+@pytest.fixture
+def psd_bytes() -> tuple[bytes, np.ndarray]:
+    pixels = np.random.default_rng(8).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+    data = minimal_psd(pixels)
+    # Not vacuous: Pillow itself opens and decodes it as a PSD with exactly these pixels.
+    with Image.open(io.BytesIO(data)) as img:
+        assert (img.format, img.mode, img.size) == ("PSD", "RGB", (30, 20))
+        assert np.array_equal(np.asarray(img.convert("RGB")), pixels)
+    return data, pixels
+
+
+def test_a8_psd_is_refused_as_unsupported_format(psd_bytes):
+    data, _ = psd_bytes
+    try:
+        images.decode_and_resize(data, SIZE)
+    except images.ImageSkip as skip:
+        assert skip.reason == "unsupported_format" and "PSD" in str(skip)
+    else:
+        raise AssertionError("a PSD file was decoded; only JPEG and PNG are allowed")
+
+
+def test_a8_psd_under_an_image_name_is_a_recorded_skip(psd_bytes, tmp_path):
+    """End to end: a PSD stored as photoshop.jpg is skipped with its key and reason, the JPEG next
+    to it is written, and a file named .psd is not an image key at all (ignored, with a warning)."""
+    data, pixels = psd_bytes
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "photoshop.jpg").write_bytes(data)
+    (folder / "layers.psd").write_bytes(data)
+    (folder / "ok.jpg").write_bytes(encode(Image.fromarray(pixels), "JPEG"))
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", folder, "--output-dir", out, "--image-size", SIZE,
+                                          "--workers", 1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    split = summary_of(out)["splits"]["test"]
+    (entry,) = split["skipped"]
+    assert (entry["key"], entry["reason"]) == ("photoshop.jpg", "unsupported_format") and "PSD" in entry["message"]
+    assert split["listed"] == 2 and split["written"] == 1
+    assert split["notes"]["ignored_keys"]["examples"] == ["layers.psd"]
+    assert dataset.load_split(out, "test")["ids"] == ["ok"]
 
 
 # ---------------------------------------------------------------------------- A11 + A13 end to end

@@ -8,7 +8,9 @@ a speed, only counts of requests and the error that comes back.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dss import dataset, sources
-from tests.conftest import FAKE_AWS_ENV, clean_env, run_script
+from tests.conftest import FAKE_AWS_ENV, PYTHON, clean_env, run_script
 from tests.test_sources import CountingHook, error_response
 
 BODY = b"0123456789" * 10  # the object the scripted server serves (100 bytes)
@@ -110,6 +112,16 @@ def bucket(s3_client):
     return name
 
 
+@pytest.fixture
+def s3_dataset(s3_client, bucket, demo_data) -> str:
+    """12 labelled demo images and the CSVs under s3://<bucket>/data/ (enough for a real run)."""
+    for name in ("train_labels.csv", "train_features.csv"):
+        s3_client.put_object(Bucket=bucket, Key=f"data/{name}", Body=(demo_data / name).read_bytes())
+    for path in sorted((demo_data / "train_features").iterdir())[:12]:
+        s3_client.put_object(Bucket=bucket, Key=f"data/train_features/{path.name}", Body=path.read_bytes())
+    return f"s3://{bucket}/data/"
+
+
 # ---------------------------------------------------------------------------- C4
 @pytest.mark.parametrize("status, code", [(502, "BadGateway"), (503, "ServiceUnavailable"), (504, "GatewayTimeout")])
 def test_c4_5xx_answers_are_retried(s3_server, s3_client, bucket, status, code):
@@ -175,6 +187,113 @@ def test_c9_connection_dropped_every_time_is_a_recorded_skip(scripted):
     assert "2 attempts" in str(skip.value)
 
 
+# ---------------------------------------------------------------------------- C11
+def no_aws_env(tmp_path, **variables: str) -> dict:
+    """A subprocess environment with no AWS setting but ``variables``: no keys, no region, empty
+    config and credentials files (so ~/.aws is not read), no instance metadata."""
+    empty = tmp_path / "empty-aws-file"
+    empty.write_text("")
+    return clean_env(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(empty),
+                     AWS_SHARED_CREDENTIALS_FILE=str(empty), **variables)
+
+
+def assert_failed_before_any_work(result, out, *messages: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for message in messages:
+        assert message in result.stderr, result.stderr
+    assert not out.exists()  # nothing read, nothing written: the output folder was never made
+
+
+@pytest.mark.parametrize("variables, botocore_message, hint", [
+    ({"AWS_ACCESS_KEY_ID": "testing"}, "Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY",
+     "(needed to sign S3 requests)"),
+    # botocore ignores a lone secret (no "partial" error): our hint names the missing half.
+    ({"AWS_SECRET_ACCESS_KEY": "testing"}, "Unable to locate credentials",
+     "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: an access key needs both."),
+], ids=["key_id_only", "secret_only"])
+def test_c11_partial_credentials_fail_before_any_work(s3_server, s3_dataset, tmp_path, variables, botocore_message,
+                                                      hint):
+    """The same data set and endpoint run fine with both halves (the C12/C13 run above)."""
+    env = no_aws_env(tmp_path, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=s3_server["endpoint"], **variables)
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", out, "--workers", "1"], env=env)
+    assert_failed_before_any_work(result, out, botocore_message, hint, sources.CREDENTIALS_HELP)
+
+
+def test_c11_partial_credentials_for_an_s3_output_fail_before_reading_the_input(s3_server, s3_client, bucket,
+                                                                                demo_data, tmp_path):
+    env = no_aws_env(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_ENDPOINT_URL=s3_server["endpoint"])
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", f"s3://{bucket}/out/",
+                                          "--workers", "1"], env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY" in result.stderr
+    assert "Processing" not in result.stdout
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_c11_no_region_with_an_endpoint_runs(s3_server, s3_client, bucket, s3_dataset, tmp_path):
+    """Policy: S3 needs no region. With no AWS_DEFAULT_REGION/AWS_REGION and empty config files,
+    botocore signs for us-east-1, which moto (and MinIO, Ceph...) accept: the run reads and writes."""
+    env = no_aws_env(tmp_path, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    check = subprocess.run([PYTHON, "-c", "import boto3; print(boto3.session.Session().region_name)"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert check.stdout.strip() == "None", check.stdout + check.stderr  # really no region anywhere
+    result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", f"s3://{bucket}/out/",
+                                          "--endpoint-url", s3_server["endpoint"], "--image-size", "16",
+                                          "--workers", "1"], env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    local = tmp_path / "fetched"
+    local.mkdir()
+    (local / "train_data.pkl").write_bytes(
+        s3_client.get_object(Bucket=bucket, Key="out/train_data.pkl")["Body"].read())
+    assert len(dataset.load_split(local, "train")["ids"]) == 12
+
+
+def test_c11_no_region_against_aws_uses_us_east_1_and_the_global_endpoint(monkeypatch, tmp_path):
+    """The botocore behaviour the no-region policy relies on (no request is sent): without a region
+    the S3 client is made for us-east-1 at https://s3.amazonaws.com (never NoRegionError), and S3's
+    redirect to the bucket's region is followed by botocore's region redirector."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in no_aws_env(tmp_path, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s").items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    client = sources.make_s3_client()
+    assert (client.meta.region_name, client.meta.endpoint_url) == ("us-east-1", "https://s3.amazonaws.com")
+
+
+@pytest.mark.parametrize("region_source", ["empty_variable", "malformed_variable", "empty_in_profile"])
+def test_c11_empty_or_malformed_region_fails_before_any_work_naming_aws_default_region(s3_server, s3_dataset,
+                                                                                       tmp_path, region_source):
+    """A region that is set must be valid: an empty one would build https://s3..amazonaws.com (or sign
+    with an empty scope at a custom endpoint), a malformed one raises InvalidRegionError."""
+    variables = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_ENDPOINT_URL": s3_server["endpoint"]}
+    if region_source == "empty_variable":
+        variables["AWS_DEFAULT_REGION"] = ""
+    elif region_source == "malformed_variable":
+        variables["AWS_DEFAULT_REGION"] = "eu west 1"
+    env = no_aws_env(tmp_path, **variables)
+    if region_source == "empty_in_profile":
+        config_file = tmp_path / "config"
+        config_file.write_text("[default]\nregion =\n")
+        env["AWS_CONFIG_FILE"] = str(config_file)
+    out = tmp_path / "out"
+    result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", out, "--workers", "1"], env=env)
+    assert_failed_before_any_work(result, out, "AWS_DEFAULT_REGION", sources.REGION_HELP)
+
+
+# ---------------------------------------------------------------------------- C12
+def test_c12_endpoint_url_without_a_scheme_is_a_clear_error(monkeypatch):
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(sources.SourceError) as error:
+        sources.open_source("s3://bucket/data/", endpoint_url="localhost:9000")
+    assert "Invalid endpoint: localhost:9000" in str(error.value) and "--endpoint-url" in str(error.value)
+
+
 # ---------------------------------------------------------------------------- C13
 def _put_headers(monkeypatch, s3_server, bucket, when_required: bool, tmp_path) -> list[dict]:
     monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
@@ -207,14 +326,10 @@ def test_c13_when_required_sends_no_default_checksums(s3_server, s3_client, buck
 
 
 # ---------------------------------------------------------------------------- C12 + C13 end to end
-def test_c12_c13_subprocess_run_with_endpoint_url_s3_and_when_required(s3_server, s3_client, bucket, demo_data,
+def test_c12_c13_subprocess_run_with_endpoint_url_s3_and_when_required(s3_server, s3_client, bucket, s3_dataset,
                                                                       tmp_path):
     """preprocess.py with AWS_ENDPOINT_URL_S3 only (no AWS_ENDPOINT_URL, no --endpoint-url) and
     AWS_REQUEST_CHECKSUM_CALCULATION=when_required: reads and writes moto without code changes."""
-    for name in ("train_labels.csv", "train_features.csv"):
-        s3_client.put_object(Bucket=bucket, Key=f"data/{name}", Body=(demo_data / name).read_bytes())
-    for path in sorted((demo_data / "train_features").iterdir())[:12]:
-        s3_client.put_object(Bucket=bucket, Key=f"data/train_features/{path.name}", Body=path.read_bytes())
     env = clean_env(**FAKE_AWS_ENV, AWS_ENDPOINT_URL_S3=s3_server["endpoint"],
                     AWS_REQUEST_CHECKSUM_CALCULATION="when_required")
     result = run_script("preprocess.py", ["--input", f"s3://{bucket}/data/", "--output-dir", f"s3://{bucket}/out/",
