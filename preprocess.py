@@ -9,6 +9,8 @@
     AWS_ENDPOINT_URL=http://localhost:9000 python preprocess.py --input s3://bucket/data/ --output-dir ./output
     AWS_REQUEST_CHECKSUM_CALCULATION=when_required python preprocess.py ...  # S3-compatible stores
     python preprocess.py --input ./data --output-dir ./output --num-shards 4 --shard-index 0   # 1 of 4 runs
+    python preprocess.py --input /opt/ml/processing/images --csv-dir /opt/ml/processing/csv \
+        --output-dir /opt/ml/processing/output   # SageMaker Processing job: shard i of K from /opt/ml/config
     python preprocess.py --input ./data --output-dir ./output --strict      # any skip -> exit 3
 
 Input layout (Conser-vision): train_labels.csv (id + one-hot class columns, or id + label),
@@ -47,7 +49,6 @@ import os
 import sys
 import time
 from collections import Counter
-from multiprocessing import shared_memory
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -56,13 +57,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from dss import config, dataset, fileio, images, labels, sources
+from dss import config, dataset, fileio, images, labels, processing, sources, splitfile
 
 DEFAULT_INPUT = "./data"
 BUCKET_EXAMPLE = "s3://animal-classification-dss-works/data/"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no extension is accepted too
 SUMMARY_NAME = "preprocessing_summary"
-DECODE_BATCH = 8            # images per task sent to a decode process (amortises IPC)
+DECODE_BATCH = 16            # images per task sent to a decode process (amortises IPC)
 SPLIT_TITLES = {"train": "TRAINING", "test": "TEST"}  # the prototype's stage lines
 STRICT_EXIT_CODE = 3        # --strict: the run completed but skipped something
 LEAKAGE_EXAMPLES = 20       # ids / id pairs quoted in the summary per leakage kind
@@ -114,6 +115,10 @@ class SplitPlan:
     has_csv_rows: bool = False
     notes: dict = field(default_factory=dict)          # B5 counts etc. (deterministic)
     warnings: list[str] = field(default_factory=list)
+    # The input holds only this instance's share of the images (a ShardedByS3Key input): nothing is
+    # sliced again, and CSV ids whose image is elsewhere are counted here, not skipped (not listed).
+    presharded: bool = False
+    in_other_shards: int = 0
 
     @property
     def listed(self) -> int:
@@ -205,13 +210,17 @@ def _resolve(image_id: str, filepath: str | None, keys: dict[str, sources.Object
 
 
 def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, features, keys: dict,
-                  infos: list[sources.ObjectInfo], folder: str, source_text: str) -> SplitPlan:
+                  infos: list[sources.ObjectInfo], folder: str, source_text: str,
+                  presharded: bool = False) -> SplitPlan:
     """A split whose ids come from a CSV. ``label_of`` is None for test; ``features`` may be None.
 
-    Ids without an object are skipped as ``missing_object`` (B5); objects in ``folder`` that no id
+    Ids without an object are skipped as ``missing_object`` (B5), unless ``presharded``: then the
+    input is one instance's share of a ShardedByS3Key input and such ids are counted as
+    ``in_other_shards`` (their image went to another instance). Objects in ``folder`` that no id
     refers to are counted under ``notes.unreferenced_objects``. Two ids on one object: the later
     id is skipped (``shared_object``)."""
-    plan = SplitPlan(name=name, source=source_text, has_labels=label_of is not None, has_csv_rows=True)
+    plan = SplitPlan(name=name, source=source_text, has_labels=label_of is not None, has_csv_rows=True,
+                     presharded=presharded)
     feature_row = {}
     if features is not None:
         for row, image_id in enumerate(features.ids):
@@ -232,6 +241,9 @@ def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, fe
         elif features is not None:
             without_features += 1
         info, tried = _resolve(image_id, filepath, keys, fallback, folder)
+        if info is None and presharded:
+            plan.in_other_shards += 1
+            continue
         if info is None:
             plan.skipped.append(_skip(tried, image_id, "missing_object",
                                       f"no object for id '{image_id}' (looked for {tried} and {folder}/{image_id}.*)",
@@ -264,12 +276,13 @@ def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, fe
 
 
 def limit_and_shard(plan: SplitPlan, limit: int | None, shard_index: int, num_shards: int) -> SplitPlan:
-    """Keep the first ``limit`` ids (sorted), then this shard's contiguous share of them."""
+    """Keep the first ``limit`` ids (sorted), then this shard's contiguous share of them (unless the
+    plan is ``presharded``: SageMaker already gave this instance its share of the images)."""
     entries = sorted([(item.id, 0, item) for item in plan.items] + [(s["id"], 1, s) for s in plan.skipped],
                      key=lambda entry: (entry[0], entry[1]))
     if limit is not None:
         entries = entries[:limit]
-    if num_shards > 1:
+    if num_shards > 1 and not plan.presharded:
         count = len(entries)
         entries = entries[shard_index * count // num_shards:(shard_index + 1) * count // num_shards]
     plan.items = [entry[2] for entry in entries if entry[1] == 0]
@@ -308,13 +321,29 @@ def nested_dataset_folders(infos: list[sources.ObjectInfo], layout: Layout) -> d
     return dict(sorted(found.items()))
 
 
-def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
-    """List the input once and decide, per split, which id comes from which object."""
+def plan_dataset(source: sources.Source, layout: Layout, log, csv_source: sources.Source | None = None,
+                 presharded: bool = False) -> Plan:
+    """List the input once and decide, per split, which id comes from which object.
+
+    ``csv_source``: where the CSVs are (--csv-dir; default the input itself; their ``filepath``
+    column stays relative to the input). ``presharded``: the input is this instance's share of a
+    ShardedByS3Key input, so every image in it is processed (no slicing later) and CSV ids whose
+    image is not in it are counted as ``in_other_shards`` instead of skipped."""
     log(f"Listing {source.describe()} ...")
     infos = source.list("")
     keys = {info.key: info for info in infos}
     log(f"Found {len(infos)} objects")
-    csv_present = [name for name in (layout.train_labels, layout.train_features, layout.test_features) if name in keys]
+    csv_names = (layout.train_labels, layout.train_features, layout.test_features)
+    if csv_source is None:
+        if presharded:
+            _refuse_sharded_csvs(source, keys, layout)
+        csv_source, csv_keys = source, set(keys)
+    else:
+        csv_keys = {name for name in csv_names if csv_source.exists(name)}
+        if not csv_keys:
+            raise PreprocessError(f"--csv-dir {csv_source.describe()} has none of {', '.join(csv_names)}. "
+                                  "Nothing was written.")
+    csv_present = [name for name in csv_names if name in csv_keys]
     if not csv_present:
         nested = nested_dataset_folders(infos, layout)
         if nested:
@@ -334,22 +363,23 @@ def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
                                   f"{layout.test_features} or .jpg/.jpeg/.png objects.\n{usage_hint()}")
         log(f"No CSVs in {source.describe()}: treating all {len(images_only)} images as TEST images")
         plan = plan_from_stems("test", infos, source.describe())
+        plan.presharded = presharded
         return Plan([plan], [], [], [], "images_only")
 
-    if layout.train_features in keys and layout.train_labels not in keys:
-        raise PreprocessError(f"{source.describe(layout.train_features)} exists but {layout.train_labels} does "
+    if layout.train_features in csv_keys and layout.train_labels not in csv_keys:
+        raise PreprocessError(f"{csv_source.describe(layout.train_features)} exists but {layout.train_labels} does "
                               "not; pass --train-labels NAME if the labels file has another name")
     csv_problems, warnings = [], []
     splits, class_names, label_of = [], [], None
-    if layout.train_labels in keys:
-        table = _read_csv_table(source, layout.train_labels, labels.read_labels)
+    if layout.train_labels in csv_keys:
+        table = _read_csv_table(csv_source, layout.train_labels, labels.read_labels)
         _collect_problems(table, csv_problems, warnings)
         class_names = list(table.class_names)
         label_of = {image_id: int(label) for image_id, label in zip(table.ids, table.labels)}
         log(f"Labels loaded: {len(table.ids)} rows, {len(class_names)} classes")
         features = None
-        if layout.train_features in keys:
-            features = _read_csv_table(source, layout.train_features, labels.read_features)
+        if layout.train_features in csv_keys:
+            features = _read_csv_table(csv_source, layout.train_features, labels.read_features)
             _collect_problems(features, csv_problems, warnings)
             labelled = set(label_of)
             unlabelled = [image_id for image_id in features.ids if image_id not in labelled]
@@ -357,21 +387,40 @@ def plan_dataset(source: sources.Source, layout: Layout, log) -> Plan:
                 warnings.append(f"{len(unlabelled)} id(s) in {layout.train_features} have no label "
                                 f"(not used), e.g. {unlabelled[:3]}")
         plan = plan_from_csv("train", list(table.ids), label_of, features, keys, infos, layout.train_dir,
-                             source.describe(layout.train_dir + "/"))
+                             source.describe(layout.train_dir + "/"), presharded)
         if features is not None:
             plan.notes["features_rows_without_label"] = sum(1 for i in features.ids if i not in label_of)
         splits.append(plan)
-    if layout.test_features in keys:
-        features = _read_csv_table(source, layout.test_features, labels.read_features)
+    if layout.test_features in csv_keys:
+        features = _read_csv_table(csv_source, layout.test_features, labels.read_features)
         _collect_problems(features, csv_problems, warnings)
         splits.append(plan_from_csv("test", list(features.ids), None, features, keys, infos, layout.test_dir,
-                                    source.describe(layout.test_dir + "/")))
+                                    source.describe(layout.test_dir + "/"), presharded))
     else:
         test_infos = [info for info in infos if info.key.startswith(layout.test_dir.strip("/") + "/")]
         if test_infos:
             log(f"No {layout.test_features}: test ids from the file names in {layout.test_dir}/")
             splits.append(plan_from_stems("test", test_infos, source.describe(layout.test_dir + "/")))
+            splits[-1].presharded = presharded
     return Plan(splits, class_names, csv_problems, warnings, "csv", label_of)
+
+
+def _refuse_sharded_csvs(source: sources.Source, keys: dict, layout: Layout) -> None:
+    """A ShardedByS3Key input in the dataset layout needs its CSVs from elsewhere: SageMaker hands
+    each CSV object to one instance only, so reading them from the input would be wrong everywhere."""
+    csv_names = (layout.train_labels, layout.train_features, layout.test_features)
+    found = [name for name in csv_names if name in keys]
+    folders = [folder for folder in (layout.train_dir, layout.test_dir)
+               if any(key.startswith(folder.strip("/") + "/") for key in keys)]
+    if not found and not folders:
+        return  # a flat folder of images: test images from the file names, no CSVs needed
+    what = f"has {', '.join(found)}" if found else f"has {', '.join(f + '/' for f in folders)} but no CSVs"
+    raise PreprocessError(
+        f"{source.describe()} is a ShardedByS3Key input of this SageMaker Processing job and {what}: each "
+        "instance gets only some objects of a sharded input, so a CSV in it reaches one instance only. Give "
+        f"the CSVs ({', '.join(csv_names)}) as a separate ProcessingInput with "
+        "s3_data_distribution_type='FullyReplicated' and pass its destination as --csv-dir "
+        "(e.g. --csv-dir /opt/ml/processing/csv). Nothing was written.")
 
 
 def _collect_problems(table, problems: list[dict], warnings: list[str]) -> None:
@@ -382,46 +431,30 @@ def _collect_problems(table, problems: list[dict], warnings: list[str]) -> None:
 
 # --------------------------------------------------------------------------- decoding
 def decode_batch(batch: list[tuple[int, bytes | str]], image_size: int, policy: str, max_pixels: int,
-                 out: np.ndarray) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
-    """Decode ``[(row, bytes or local file path)]`` into ``out[row]`` ((N, S, S, 3) uint8).
+                 slots: splitfile.RowSlots) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
+    """Decode ``[(row, bytes or local file path)]`` and write each image to its row of the split file.
 
-    Returns ``[(row, info, None)]`` for written rows and ``[(row, None, (reason, message))]`` for skips.
+    Runs in a decode process (or in the main one with one worker). Returns ``[(row, info, None)]`` for
+    written rows and ``[(row, None, (reason, message))]`` for skips; an OSError writing the row (disk
+    full) is not a skip and propagates: it ends the run.
     """
     results = []
     for row, data in batch:
         try:
             if isinstance(data, str):  # a folder source: the decode process reads the file itself
                 data = sources.read_local_file(data)
-            out[row], info = images.decode_and_resize(data, image_size, policy, max_pixels)
+            array, info = images.decode_and_resize(data, image_size, policy, max_pixels)
             info["sha256"] = hashlib.sha256(data).hexdigest()  # B8: same file in train and test
             info["bytes"] = len(data)
-            results.append((row, info, None))
         except (images.ImageSkip, sources.ObjectSkip) as skip:
             results.append((row, None, (skip.reason, str(skip))))
+            continue
         except Exception as exc:  # a decoder bug must not lose the other images: record it by name
             results.append((row, None, ("unexpected_error", f"{type(exc).__name__}: {exc}")))
+            continue
+        splitfile.write_row(slots, row, array)
+        results.append((row, info, None))
     return results
-
-
-# In a decode process: the shared output block it currently writes into, as (SharedMemory, ndarray view).
-_attached_block: dict[str, tuple[shared_memory.SharedMemory, np.ndarray]] = {}
-
-
-def decode_batch_shared(batch: list[tuple[int, bytes | str]], image_size: int, policy: str, max_pixels: int,
-                        block_name: str, block_shape: tuple[int, ...]):
-    """``decode_batch`` in a worker process, writing straight into the parent's shared-memory block, so
-    only small info dicts travel back (a 224 px image is 150 KB; pickling it back cost more than its resize)."""
-    current = _attached_block.get("block")
-    if current is None or current[0].name != block_name:
-        if current is not None:
-            previous, view = _attached_block.pop("block")
-            del view
-            previous.close()
-        # Decode processes share the parent's resource tracker, which already knows this block
-        # (registration is idempotent); the parent unlinks it, this process only closes its mapping.
-        block = shared_memory.SharedMemory(name=block_name)
-        _attached_block["block"] = (block, np.ndarray(block_shape, dtype=np.uint8, buffer=block.buf))
-    return decode_batch(batch, image_size, policy, max_pixels, _attached_block["block"][1])
 
 
 def _decode_pool(workers: int) -> ProcessPoolExecutor | None:
@@ -438,25 +471,30 @@ def _decode_pool(workers: int) -> ProcessPoolExecutor | None:
 @dataclass
 class SplitResult:
     plan: SplitPlan
-    data: dict | None                 # the pickle dict (None when nothing was written)
+    data: dict | None                 # the pickle dict without "images" (None when nothing was written)
     skipped: list[dict]
     seconds: float
     source_stats: dict
     content_sha256: list[str] = field(default_factory=list)  # per written row (not stored in the pickle)
+    # The split's pickle under construction (its image rows are already in it) and the written rows.
+    writer: splitfile.SplitFileWriter | None = None
+    kept_rows: np.ndarray | None = None
+
+    def discard(self) -> None:
+        """Remove the unfinished pickle (the run failed, or nothing was written)."""
+        if self.writer is not None:
+            self.writer.discard()
 
 
 def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str], image_size: int,
                   policy: str, max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
-                  source_uri: str, quiet: bool) -> SplitResult:
-    """Download and decode every item of ``plan``; rows of the result are in ``plan.items`` order."""
+                  source_uri: str, pickle_path: Path, quiet: bool) -> SplitResult:
+    """Download and decode every item of ``plan`` into the split pickle being built at ``pickle_path``
+    (see dss.splitfile; ``SplitResult.writer.commit`` finishes it). Rows are in ``plan.items`` order."""
     started = time.perf_counter()
     stats_before = source.stats.as_dict()
     items = plan.items
     count = len(items)
-    shape = (count, image_size, image_size, 3)  # (N, S, S, 3), filled by row
-    # With decode processes the block lives in shared memory, so workers write rows in place.
-    shared = shared_memory.SharedMemory(create=True, size=max(int(np.prod(shape)), 1)) if pool is not None else None
-    block = np.ndarray(shape, dtype=np.uint8, buffer=shared.buf) if shared is not None else np.empty(shape, np.uint8)
     written = np.zeros(count, dtype=bool)
     decoded_info: list[dict | None] = [None] * count
     skipped = list(plan.skipped)
@@ -474,6 +512,7 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
         rows_by_key[item.key] = row
 
     def take(results):
+        writer.rows_written(sum(1 for _, info, _ in results if info is not None))
         for row, info, problem in results:
             if info is None:
                 reason, message = problem
@@ -486,9 +525,9 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
 
     def submit(batch):
         if pool is None:
-            take(decode_batch(batch, image_size, policy, max_pixels, block))
+            take(decode_batch(batch, image_size, policy, max_pixels, writer.slots))
             return
-        pending.add(pool.submit(decode_batch_shared, batch, image_size, policy, max_pixels, shared.name, shape))
+        pending.add(pool.submit(decode_batch, batch, image_size, policy, max_pixels, writer.slots))
         while len(pending) >= max_pending:
             done, still_pending = wait(pending, return_when=FIRST_COMPLETED)
             pending.difference_update(done)
@@ -514,27 +553,22 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     pending = set()
     batch: list[tuple[int, bytes | str]] = []
     max_pending = 4 * workers  # decode tasks in flight: keeps every process busy, bounds memory
-    try:
-        for row, data in fetched():
-            batch.append((row, data))
-            if len(batch) >= DECODE_BATCH:
+    with splitfile.SplitFileWriter(pickle_path, count, image_size) as writer:  # removed again on any error
+        try:
+            for row, data in fetched():
+                batch.append((row, data))
+                if len(batch) >= DECODE_BATCH:
+                    submit(batch)
+                    batch = []
+            if batch:
                 submit(batch)
-                batch = []
-        if batch:
-            submit(batch)
-        for future in pending:
-            take(future.result())
-    except BrokenProcessPool as exc:
-        raise PreprocessError(f"a decode worker process died ({exc}); it was probably killed for memory: "
-                              "try fewer --workers") from exc
-    finally:
-        progress.close()
-        if shared is not None:
-            # Copy the written rows out of shared memory (in order), then release it.
-            block = block[np.flatnonzero(written)]
-            shared.close()
-            shared.unlink()
-            shared = None
+            for future in pending:
+                take(future.result())
+        except BrokenProcessPool as exc:
+            raise PreprocessError(f"a decode worker process died ({exc}); it was probably killed for memory: "
+                                  "try fewer --workers") from exc
+        finally:
+            progress.close()
     if source.local_path("") is not None:
         source.stats.add(bytes_read=sum(info["bytes"] for info in decoded_info if info is not None))
 
@@ -544,18 +578,12 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     source_stats = {name: stats_after[name] - stats_before[name] for name in stats_after}
     kept_rows = np.flatnonzero(written)
     if len(kept_rows) == 0:
+        writer.discard()
         return SplitResult(plan, None, skipped, seconds, source_stats)
 
-    if len(block) != len(kept_rows):
-        # Trim in place: move written rows up (sorted order is kept), then take the leading view.
-        for target, row in enumerate(kept_rows):
-            if target != row:
-                block[target] = block[row]
-        block = block[:len(kept_rows)]
     kept = [items[row] for row in kept_rows]
     infos = [decoded_info[row] for row in kept_rows]
     data = {
-        "images": block,
         # numpy string arrays: pickles then do not depend on which str objects happen to be shared.
         "ids": np.array([item.id for item in kept], dtype=str),
         "labels": np.array([item.label for item in kept], dtype=np.int64) if plan.has_labels else None,
@@ -581,7 +609,8 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     }
     if plan.has_csv_rows:
         data["meta"]["csv_row"] = np.array([item.csv_row for item in kept], dtype=np.int64)
-    return SplitResult(plan, data, skipped, seconds, source_stats, [info["sha256"] for info in infos])
+    return SplitResult(plan, data, skipped, seconds, source_stats, [info["sha256"] for info in infos],
+                       writer, kept_rows)
 
 
 def check_alignment(result: SplitResult, label_of: dict[str, int] | None) -> None:
@@ -626,6 +655,8 @@ def split_summary(result: SplitResult) -> dict:
         "skip_reasons": dict(sorted(Counter(entry["reason"] for entry in result.skipped).items())),
         "skipped": result.skipped,
     }
+    if plan.presharded:
+        summary["in_other_shards"] = plan.in_other_shards  # CSV ids whose image went to another instance
     if data is not None:
         if data["labels"] is not None:
             counts = np.bincount(data["labels"], minlength=len(data["class_names"]))
@@ -656,6 +687,9 @@ def summary_text(summary: dict) -> str:
     for name, split in summary["splits"].items():
         lines += ["", f"[{name}] from {split['source']}",
                   f"  listed {split['listed']} = written {split['written']} + skipped {split['skipped_count']}"]
+        if "in_other_shards" in split:
+            lines.append(f"  in other shards: {split['in_other_shards']} CSV id(s) not listed here: their images "
+                         "were given to other instances (ShardedByS3Key input)")
         timing = split["timing"]
         lines.append(f"  {timing['seconds']} s, {timing['images_per_second']} images/s")
         if "class_counts" in split:
@@ -700,6 +734,13 @@ def _write(path: Path, writer, content) -> None:
         raise
 
 
+def _commit_pickle(path: Path, result: SplitResult) -> None:
+    """Finish ``result``'s pickle (its image rows are already in place) as ``path``."""
+    if result.writer.final_path != path:
+        raise ValueError(f"the pickle of split {result.plan.name} is being built as {result.writer.final_path}, not {path}")
+    result.writer.commit(result.data, result.kept_rows)
+
+
 def os_error_message(exc: OSError) -> str:
     """One line for an OSError: the path, what it means and the errno name (ENOSPC -> disk full)."""
     code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else type(exc).__name__
@@ -713,9 +754,10 @@ def os_error_message(exc: OSError) -> str:
 
 def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size: int, policy: str,
                  max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
-                 input_uri: str, limit: int | None, shard_index: int, num_shards: int, log, quiet: bool
-                 ) -> list[SplitResult]:
-    """Apply --limit/--shard, refuse empty datasets, then process every split (nothing written yet)."""
+                 input_uri: str, limit: int | None, shard_index: int, num_shards: int, staging_dir: Path,
+                 log, quiet: bool) -> list[SplitResult]:
+    """Apply --limit/--shard, refuse empty datasets, then process every split into its unfinished
+    pickle in ``staging_dir`` (finished by ``SplitResult.writer.commit``; nothing final is written)."""
     for split_plan in plan.splits:
         limit_and_shard(split_plan, limit, shard_index, num_shards)
     train_plan = next((p for p in plan.splits if p.name == "train"), None)
@@ -725,6 +767,24 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
     if not any(p.listed for p in plan.splits):
         raise PreprocessError(f"empty dataset: no images to process in {source.describe()}.\n{usage_hint()}")
     results = []
+    try:
+        _process_splits(source, plan, image_size, policy, max_pixels, pool, workers, download_threads, input_uri,
+                        _file_names(num_shards, shard_index), staging_dir, log, quiet, results)
+    except BaseException:
+        for result in results:
+            result.discard()
+        raise
+    plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
+    for warning in leakage_warnings:
+        log(f"WARNING: {warning}")
+    plan.warnings.extend(leakage_warnings)
+    return results
+
+
+def _process_splits(source: sources.Source, plan: Plan, image_size: int, policy: str, max_pixels: int,
+                    pool: ProcessPoolExecutor | None, workers: int, download_threads: int, input_uri: str,
+                    names: dict[str, str], staging_dir: Path, log, quiet: bool, results: list[SplitResult]) -> None:
+    """Process the splits one after another, appending to ``results`` as each finishes."""
     for number, split_plan in enumerate(plan.splits, start=1):
         log(f"\n{number}. Processing {SPLIT_TITLES.get(split_plan.name, split_plan.name.upper())} images...")
         log(f"Getting image list from {split_plan.source}")
@@ -733,7 +793,9 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
             + (f" ({unresolved} listed ids are skipped before download: see the summary)" if unresolved else ""))
         log(f"Processing {len(split_plan.items)} images...")
         result = process_split(source, split_plan, plan.class_names, image_size, policy, max_pixels, pool,
-                               workers, download_threads, input_uri, quiet)
+                               workers, download_threads, input_uri,
+                               staging_dir / names[f"{split_plan.name}_data"], quiet)
+        results.append(result)
         written = 0 if result.data is None else len(result.data["ids"])
         reasons = Counter(entry["reason"] for entry in result.skipped)
         log(f"Written {written}, skipped {len(result.skipped)}"
@@ -745,12 +807,6 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
                                   f"to write (e.g. {examples})")
         if result.data is not None:
             check_alignment(result, plan.label_of if split_plan.has_labels else None)
-        results.append(result)
-    plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
-    for warning in leakage_warnings:
-        log(f"WARNING: {warning}")
-    plan.warnings.extend(leakage_warnings)
-    return results
 
 
 def leakage_report(results: list[SplitResult], class_names: list[str]) -> tuple[dict, list[str]]:
@@ -786,20 +842,34 @@ def leakage_report(results: list[SplitResult], class_names: list[str]) -> tuple[
 
 def run(source: sources.Source, output: sources.Output, input_uri: str, layout: Layout, image_size: int,
         policy: str, max_pixels: int, workers: int, download_threads: int, limit: int | None = None,
-        shard_index: int = 0, num_shards: int = 1, quiet: bool = False) -> dict:
-    """The whole pipeline on an opened source and output; returns the summary dict."""
+        shard_index: int = 0, num_shards: int = 1, quiet: bool = False, csv_source: sources.Source | None = None,
+        presharded: bool = False) -> dict:
+    """The whole pipeline on an opened source and output; returns the summary dict. ``csv_source`` and
+    ``presharded``: see ``plan_dataset``."""
     log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     started = time.perf_counter()
     output.prepare()  # D4: fail before any download if the output is not writable
     pool = _decode_pool(workers)  # started now so the workers boot while the listing runs
     try:
-        plan = plan_dataset(source, layout, log)
+        plan = plan_dataset(source, layout, log, csv_source=csv_source, presharded=presharded)
         results = process_plan(source, plan, layout, image_size, policy, max_pixels, pool, workers,
-                               download_threads, input_uri, limit, shard_index, num_shards, log, quiet)
+                               download_threads, input_uri, limit, shard_index, num_shards, output.staging_dir,
+                               log, quiet)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    try:
+        return _write_outputs(output, plan, results, input_uri, image_size, policy, max_pixels, limit, shard_index,
+                              num_shards, workers, download_threads, started, log)
+    finally:
+        for result in results:
+            result.discard()  # only an unfinished pickle remains to remove: after commit there is none
 
+
+def _write_outputs(output: sources.Output, plan: Plan, results: list[SplitResult], input_uri: str, image_size: int,
+                   policy: str, max_pixels: int, limit: int | None, shard_index: int, num_shards: int, workers: int,
+                   download_threads: int, started: float, log) -> dict:
+    """Finish the split pickles, write the metadata CSVs and the summary, publish; returns the summary."""
     names = _file_names(num_shards, shard_index)
     summary = {
         "format_version": dataset.FORMAT_VERSION,
@@ -826,7 +896,7 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
         if result.data is None:
             continue
         pickle_name, metadata_name = names[f"{split}_data"], names[f"{split}_metadata"]
-        _write(output.staging_dir / pickle_name, dataset.save_split, result.data)
+        _write(output.staging_dir / pickle_name, _commit_pickle, result)
         _write(output.staging_dir / metadata_name, fileio.write_text, metadata_csv(result.data))
         summary["files"][split] = {"pickle": pickle_name, "metadata": metadata_name}
         to_publish += [pickle_name, metadata_name]
@@ -912,17 +982,46 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder of train images when the CSV has no filepath")
     parser.add_argument("--test-dir", default=Layout.test_dir,
                         help="folder of test images when the CSV has no filepath")
-    parser.add_argument("--num-shards", type=config.positive_int, default=1,
-                        help="split every split's sorted ids into K contiguous shards ...")
-    parser.add_argument("--shard-index", type=config.non_negative_int, default=0, help="... and process shard i")
+    parser.add_argument("--num-shards", type=config.positive_int, default=None,
+                        help="split every split's sorted ids into K contiguous shards (default 1, or the "
+                             "SageMaker Processing job's instance count) ...")
+    parser.add_argument("--shard-index", type=config.non_negative_int, default=None,
+                        help="... and process shard i (default 0, or this instance's index among the job's hosts)")
+    parser.add_argument("--auto-shard", type=config.str2bool, default=True, metavar="{true,false}",
+                        help="in a SageMaker Processing job (/opt/ml/config/resourceconfig.json, or "
+                             f"${processing.CONFIG_DIR_ENV}/), take shard i of K from the job's hosts and treat a "
+                             "ShardedByS3Key --input as already sharded; explicit --num-shards/--shard-index win")
+    parser.add_argument("--csv-dir", default=None,
+                        help="folder or s3:// prefix holding the CSVs (default: --input); their filepath column "
+                             "stays relative to --input. Needed when --input is a ShardedByS3Key input")
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {STRICT_EXIT_CODE} (after writing the summaries) if any image was skipped "
                              "or any CSV row rejected: a clean dataset or a failing run")
     parser.add_argument("--quiet", action="store_true", help="only errors")
     args = parser.parse_args(argv)
-    if args.shard_index >= args.num_shards:
-        parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
+    if args.shard_index is not None or args.num_shards is not None:  # explicit; the other one defaults
+        if (args.shard_index or 0) >= (args.num_shards or 1):
+            parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards or 1}")
     return args
+
+
+def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | None, use_processing_config: bool,
+                     log) -> tuple[int, int, bool]:
+    """(shard_index, num_shards, presharded) for this run. Explicit flags win; else, in a SageMaker
+    Processing job, this host's index among the job's hosts. ``presharded``: --input is (in) a
+    ShardedByS3Key input, so SageMaker already gave this instance its share and nothing is sliced again."""
+    job = processing.load_job() if use_processing_config else None
+    if job is not None and shard_index is None and num_shards is None:
+        shard_index, num_shards = job.shard_index, job.num_shards
+        log(f"SageMaker Processing job ({job.config_dir / processing.RESOURCE_CONFIG}): host {job.current_host} "
+            f"of {list(job.hosts)} -> shard {shard_index} of {num_shards} (--num-shards/--shard-index override)")
+    sharded_input = (job.sharded_input_for(input_uri)
+                     if job is not None and not sources.is_s3_uri(input_uri) else None)
+    if sharded_input is not None:
+        log(f"--input {input_uri} is the ShardedByS3Key input '{sharded_input.name}' ({sharded_input.source}): "
+            "processing every image SageMaker put here, without slicing again; CSV ids whose image went to "
+            "another instance are counted as in_other_shards")
+    return shard_index or 0, num_shards or 1, sharded_input is not None
 
 
 def main(argv=None) -> int:
@@ -935,21 +1034,27 @@ def main(argv=None) -> int:
     try:
         if not sources.is_s3_uri(args.input) and not Path(args.input).is_dir():
             raise PreprocessError(f"input folder {args.input} does not exist.\n{usage_hint()}")
-        source = sources.open_source(args.input, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts,
-                                     read_timeout=args.read_timeout, download_threads=args.download_threads,
-                                     max_object_bytes=int(args.max_object_mb * 2**20),
-                                     verify_etag=not args.no_etag_check)
+        if args.csv_dir is not None and not sources.is_s3_uri(args.csv_dir) and not Path(args.csv_dir).is_dir():
+            raise PreprocessError(f"--csv-dir {args.csv_dir} does not exist or is not a folder")
+        log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+        shard_index, num_shards, presharded = resolve_sharding(args.input, args.shard_index, args.num_shards,
+                                                               args.auto_shard, log)
+        source_options = dict(endpoint_url=args.endpoint_url, max_attempts=args.max_attempts,
+                              read_timeout=args.read_timeout, download_threads=args.download_threads,
+                              max_object_bytes=int(args.max_object_mb * 2**20), verify_etag=not args.no_etag_check)
+        source = sources.open_source(args.input, **source_options)
+        csv_source = sources.open_source(args.csv_dir, **source_options) if args.csv_dir is not None else None
         output = sources.open_output(args.output_dir, endpoint_url=args.endpoint_url, max_attempts=args.max_attempts)
         summary = run(source, output, args.input, layout, args.image_size, args.resize, args.max_pixels,
-                      args.workers, args.download_threads, limit=args.limit, shard_index=args.shard_index,
-                      num_shards=args.num_shards, quiet=args.quiet)
+                      args.workers, args.download_threads, limit=args.limit, shard_index=shard_index,
+                      num_shards=num_shards, quiet=args.quiet, csv_source=csv_source, presharded=presharded)
         if args.strict:
-            problem = strict_problem(summary, output.describe(_file_names(args.num_shards, args.shard_index)["summary_txt"]))
+            problem = strict_problem(summary, output.describe(_file_names(num_shards, shard_index)["summary_txt"]))
             if problem:
                 print(f"ERROR: {problem}", file=sys.stderr)
                 config.write_sagemaker_failure(f"preprocess: {problem}")
                 return STRICT_EXIT_CODE
-    except (PreprocessError, sources.SourceError, labels.LabelsError) as exc:
+    except (PreprocessError, sources.SourceError, labels.LabelsError, processing.ProcessingConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         config.write_sagemaker_failure(f"preprocess: {exc}")
         return 2

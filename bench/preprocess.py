@@ -12,6 +12,9 @@ Rows (all on the same 2N generated 960x540 JPEGs, dss.sample with one frame size
   (d) decode limit: one process's draft-decode + resize rate (dss.images.decode_and_resize on bytes
       already in memory) times --workers: what the decode processes could do with perfect scaling
   (e) GET-only loops against the same endpoint: 1 thread, and --download-threads threads
+  (f) the S3 path's CPU limit: cores / (server + client CPU seconds per GET, from /proc and getrusage
+      during (e), + one decode, 1/(d per process)): the moto server and boto3 run on the same cores as
+      the decode processes, so (a) cannot pass (f) here even where min(e, d) is higher
 (a)-(c) are marginal rates: N / (wall time over 2N images - wall time over N images), so start-up
 (interpreter, imports, listing, process pool) cancels out. The N run is the 2N dataset with
 ``--limit N`` (first N ids), so both runs list the same objects.
@@ -32,6 +35,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -280,6 +284,12 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def median(values: list[float]) -> float:
     return float(np.median(values))
 
@@ -293,7 +303,8 @@ def main(argv=None) -> int:
     server = None
     # Per round: (d) before and after, (b) N and 2N, (e) threads, (a) N and 2N; medians over the rounds,
     # so a machine whose speed drifts between measurements (shared VMs) affects every row alike.
-    decode, folder, s3, get_threaded, server_cores_a, server_cores_e = [], {n: [], 2 * n: []}, {n: [], 2 * n: []}, [], [], []
+    decode, folder, s3, get_threaded = [], {n: [], 2 * n: []}, {n: [], 2 * n: []}, []
+    server_cores_a, server_cores_e, server_get_cpu, client_get_cpu = [], [], [], []  # cores; CPU s per GET
     try:
         data_root = args.keep_dir or scratch / "data"
         keys = prepare_images(data_root, 2 * n, args.seed)
@@ -311,10 +322,11 @@ def main(argv=None) -> int:
             decode.append(decode_rate(blobs, args.image_size))
             for count in (n, 2 * n):
                 folder[count].append(run_preprocess(str(data_root), count, child_env(), **common))
-            server_before, started = process_cpu_seconds(server.process.pid), time.perf_counter()
+            server_before, client_before = process_cpu_seconds(server.process.pid), own_cpu_seconds()
             get_threaded.append(get_only(client, first_n, threads=args.download_threads))
-            server_cores_e.append((process_cpu_seconds(server.process.pid) - server_before)
-                                  / (time.perf_counter() - started))
+            server_get_cpu.append((process_cpu_seconds(server.process.pid) - server_before) / n)
+            client_get_cpu.append((own_cpu_seconds() - client_before) / n)
+            server_cores_e.append(server_get_cpu[-1] * n / get_threaded[-1])
             server_cpu = {}
             for count in (n, 2 * n):
                 server_before = process_cpu_seconds(server.process.pid)
@@ -339,6 +351,10 @@ def main(argv=None) -> int:
     rate_d = one_process * args.workers
     get_t = median(get_threaded)
     rate_e1, rate_et = n / get_1, n / get_t
+    # (f): if CPU were the only limit, each image from S3 costs the server's and the client's CPU
+    # per GET (measured during (e)) plus one decode, and all of it shares the same cores.
+    cpu_per_image = median(server_get_cpu) + median(client_get_cpu) + 1 / one_process
+    rate_f = (os.cpu_count() or 1) / cpu_per_image
     rows = [
         ("(a) preprocess.py from S3 (moto)", f"{from_s3[0]:.2f}", f"{from_s3[1]:.2f}", rate_a),
         ("(b) preprocess.py from folder", f"{from_folder[0]:.2f}", f"{from_folder[1]:.2f}", rate_b),
@@ -347,11 +363,15 @@ def main(argv=None) -> int:
          "", "", rate_d),
         ("(e) GET-only, 1 thread", f"{get_1:.2f}", "", rate_e1),
         (f"(e) GET-only, {args.download_threads} threads", f"{get_t:.2f}", "", rate_et),
+        (f"(f) CPU limit of the S3 path on {os.cpu_count()} cores: server {median(server_get_cpu) * 1e3:.1f} + "
+         f"client {median(client_get_cpu) * 1e3:.1f} ms per GET + decode {1e3 / one_process:.1f} ms", "", "", rate_f),
     ]
     ratios = [
         f"(b)/(d) folder vs decode limit: {format_ratio(rate_b / rate_d)}",
         f"(a)/min(e {args.download_threads} threads, d) S3 vs the slower limit: "
         f"{format_ratio(rate_a / min(rate_et, rate_d))}",
+        f"(a)/(f) S3 path vs its CPU limit (moto, boto3 and the decoders on the same cores): "
+        f"{format_ratio(rate_a / rate_f)}",
         f"(a)/(c) S3 preprocess vs naive loop: {format_ratio(rate_a / rate_c)}",
         f"moto server CPU use (cores of {os.cpu_count()}): {median(server_cores_e):.2f} during (e), "
         f"{median(server_cores_a):.2f} during (a)'s extra N images, where the decode processes need the same cores",

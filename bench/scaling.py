@@ -15,7 +15,8 @@ Rows:
       --num-shards shards.
   preprocess, W workers: preprocess.py --workers W on the same JPEGs; images/s from its summary
       (the run itself, interpreter start-up excluded).
-With --save the table also goes to bench/results/scaling-<date>.md. Timings on a busy machine are
+With --save the table also goes to bench/results/scaling-<date>.md (scaling-cuda-<date>.md with
+--device cuda). Timings on a busy machine are
 noisy; multi-GPU rows need a machine with several GPUs (otherwise they are not measured).
 """
 
@@ -141,13 +142,15 @@ def main(argv=None) -> int:
             rows.append((f"train, {args.num_shards} shards", f"--data-in-memory {memory}", rate))
             print(rows[-1], flush=True)
         if args.device == "cpu":
-            notes.append("1 GPU vs several: not measured here (CPU run); run with --device cuda on a multi-GPU machine")
+            notes.append("1 GPU vs several (NCCL): not measured; no multi-GPU machine was available. Run "
+                         "`python bench/scaling.py --device cuda --processes 1 8 --save` on one")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = render(info, rows, notes)
     print("\n" + report, flush=True)
     if args.save:
-        path = REPO_ROOT / "bench" / "results" / f"scaling-{args.device}-{datetime.date.today().isoformat()}.md"
+        device = "" if args.device == "cpu" else f"{args.device}-"
+        path = REPO_ROOT / "bench" / "results" / f"scaling-{device}{datetime.date.today().isoformat()}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         fileio.write_text(path, report)
         print(f"saved {path}")

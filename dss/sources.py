@@ -285,17 +285,32 @@ class LocalSource(Source):
         if not start.is_dir():
             return []
         infos = []
-        # os.walk does not follow symlinked folders (no cycles); symlinked files are listed.
-        for folder, subfolders, files in os.walk(start):
-            subfolders.sort()
-            for name in files:
-                path = Path(folder) / name
-                try:
-                    size = path.stat().st_size
-                except OSError:
-                    continue  # a dangling symlink: not an object
-                infos.append(ObjectInfo(path.relative_to(self.root).as_posix(), size))
+        # Keys are built as strings, not Paths: pathlib's parsing cost more than the listing itself
+        # (~0.1 s per 2,000 files).
+        root_parts = len(self.root.parts)
+        start_key = "/".join(start.parts[root_parts:])
+        self._list_folder(str(start), f"{start_key}/" if start_key else "", infos)
         return infos
+
+    @classmethod
+    def _list_folder(cls, folder: str, key_prefix: str, infos: list[ObjectInfo]) -> None:
+        """Files under ``folder`` as ObjectInfo(key_prefix + relative path). Symlinked folders are not
+        followed (no cycles); symlinked files are listed; dangling symlinks are not objects."""
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError:
+            return  # an unreadable subfolder holds no objects we can read (as os.walk skips it)
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    if not entry.is_symlink():
+                        cls._list_folder(entry.path, f"{key_prefix}{entry.name}/", infos)
+                    continue
+                size = entry.stat().st_size
+            except OSError:
+                continue  # a dangling symlink, or a file removed while listing
+            infos.append(ObjectInfo(f"{key_prefix}{entry.name}", size))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
