@@ -15,9 +15,11 @@ Rows:
       --num-shards shards.
   preprocess, W workers: preprocess.py --workers W on the same JPEGs; images/s from its summary
       (the run itself, interpreter start-up excluded).
+Every row is measured --rounds times, interleaved (one round runs each row once), and the table
+shows medians plus the ratios 2 vs 1 workers, P vs 1 processes and streamed vs resident: a shared
+VM's speed drifts by +-15% within minutes, and interleaving lets every row see the same drift.
 With --save the table also goes to bench/results/scaling-<date>.md (scaling-cuda-<date>.md with
---device cuda). Timings on a busy machine are
-noisy; multi-GPU rows need a machine with several GPUs (otherwise they are not measured).
+--device cuda). Multi-GPU rows need a machine with several GPUs (otherwise they are not measured).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per row (the first is warm-up)")
     parser.add_argument("--num-shards", type=int, default=4, help="shards for the streaming rows")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every row this many times, interleaved; the table shows medians")
     parser.add_argument("--save", action="store_true", help="also write bench/results/scaling-<date>.md")
     return parser.parse_args(argv)
 
@@ -104,6 +109,23 @@ def machine_info(args) -> list[str]:
             f"batch {args.batch_size} per process, {args.epochs} epochs (first = warm-up), device {args.device}"]
 
 
+def ratios(rate_of: dict[tuple[str, str], float], args) -> list[str]:
+    """The comparisons the table is for, as 'a / b = x' lines."""
+    lines = []
+    if len(args.workers) > 1:
+        low, high = min(args.workers), max(args.workers)
+        lines.append(f"preprocess --workers {high} / --workers {low}: "
+                     f"{rate_of[('preprocess', f'--workers {high}')] / rate_of[('preprocess', f'--workers {low}')]:.2f}")
+    resident = {setting: rate for (what, setting), rate in rate_of.items() if what == "train, resident"}
+    if len(resident) > 1:
+        (first, first_rate), (last, last_rate) = list(resident.items())[0], list(resident.items())[-1]
+        lines.append(f"train {last} / {first}: {last_rate / first_rate:.2f}")
+    sharded = f"train, {args.num_shards} shards"
+    lines.append(f"train streamed / resident ({args.num_shards} shards): "
+                 f"{rate_of[(sharded, '--data-in-memory stream')] / rate_of[(sharded, '--data-in-memory device')]:.2f}")
+    return lines
+
+
 def render(info: list[str], rows: list[tuple[str, str, float]], notes: list[str]) -> str:
     lines = ["# scale-out benchmark", ""] + [f"- {line}" for line in info] + [
         "", "| what | setting | images/s |", "|---|---|---:|"]
@@ -116,36 +138,50 @@ def main(argv=None) -> int:
     info = machine_info(args)
     print("\n".join(info), flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
-    rows: list[tuple[str, str, float]] = []
+    # (what, setting) -> images/s per round. Rounds run every row once, in the same order, so a
+    # machine whose speed drifts (shared VMs: +-15% within minutes) moves every row alike; medians.
+    measured: dict[tuple[str, str], list[float]] = {}
     notes: list[str] = []
     try:
         data = scratch / "data"
         write_demo_dataset(data, n_train=args.num_train, n_test=max(8, args.num_train // 8), seed=0, scale=args.scale)
-        for workers in args.workers:
-            rate = preprocess(data, scratch / f"pickles-w{workers}", args.image_size, workers)
-            rows.append(("preprocess", f"--workers {workers}", rate))
-            print(rows[-1], flush=True)
-        pickles = scratch / f"pickles-w{args.workers[0]}"
-        for processes in args.processes:
-            if args.device == "cuda" and processes > torch.cuda.device_count():
-                notes.append(f"{processes} GPUs: not measured (this machine has {torch.cuda.device_count()})")
-                continue
-            rate = train(pickles, scratch / f"models-p{processes}", args, processes, "device")
-            rows.append(("train, resident", f"{processes} process(es), global batch {args.batch_size * processes}",
-                         rate))
-            print(rows[-1], flush=True)
+        pickles = scratch / "pickles"
+        preprocess(data, pickles, args.image_size, args.workers[0])
         shards = scratch / "shards"
         for index in range(args.num_shards):
             preprocess(data, shards, args.image_size, args.workers[0], shard=(index, args.num_shards))
-        for memory in ("device", "stream"):
-            rate = train(shards, scratch / f"models-{memory}", args, 1, memory)
-            rows.append((f"train, {args.num_shards} shards", f"--data-in-memory {memory}", rate))
-            print(rows[-1], flush=True)
+        process_counts = []
+        for processes in args.processes:
+            if args.device == "cuda" and processes > torch.cuda.device_count():
+                notes.append(f"{processes} GPUs: not measured (this machine has {torch.cuda.device_count()})")
+            else:
+                process_counts.append(processes)
+        for round_number in range(1, args.rounds + 1):
+            this_round = []
+            for workers in args.workers:
+                rate = preprocess(data, scratch / f"pickles-w{workers}-r{round_number}", args.image_size, workers)
+                this_round.append((("preprocess", f"--workers {workers}"), rate))
+            for processes in process_counts:
+                rate = train(pickles, scratch / f"models-p{processes}-r{round_number}", args, processes, "device")
+                this_round.append((("train, resident", f"{processes} process(es), global batch "
+                                                       f"{args.batch_size * processes}"), rate))
+            for memory in ("device", "stream"):
+                rate = train(shards, scratch / f"models-{memory}-r{round_number}", args, 1, memory)
+                this_round.append(((f"train, {args.num_shards} shards", f"--data-in-memory {memory}"), rate))
+            for key, rate in this_round:
+                measured.setdefault(key, []).append(rate)
+            print(f"round {round_number}/{args.rounds}: "
+                  + "; ".join(f"{what} {setting}: {rate:,.1f}" for (what, setting), rate in this_round), flush=True)
         if args.device == "cpu":
             notes.append("1 GPU vs several (NCCL): not measured; no multi-GPU machine was available. Run "
                          "`python bench/scaling.py --device cuda --processes 1 8 --save` on one")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    rows = [(what, setting, float(np.median(rates))) for (what, setting), rates in measured.items()]
+    rate_of = {(what, setting): rate for what, setting, rate in rows}
+    notes = ratios(rate_of, args) + [f"{args.rounds} round(s), medians; per round: " + "; ".join(
+        f"{what} {setting} {', '.join(f'{r:,.1f}' for r in rates)}" for (what, setting), rates in measured.items())
+    ] + notes
     report = render(info, rows, notes)
     print("\n" + report, flush=True)
     if args.save:

@@ -22,17 +22,16 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or folder by path (a folder: makes renames in it durable). Best effort: some
+    filesystems cannot open or fsync a folder, and a failing flush of a file is reported by the
+    writer's own final fsync."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -61,13 +60,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def replace_with_temp(temp: Path, final: Path) -> None:
     """Make a fully written and fsync'd ``temp`` (from ``temp_path``) the file ``final``, durably."""
     os.replace(temp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

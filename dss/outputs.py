@@ -9,7 +9,6 @@ Also the fixed ``[METRICS]`` stdout line that SageMaker ``metric_definitions`` r
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -157,16 +156,6 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _fsync_folder(folder: Path) -> None:
-    # Makes the renames durable; some filesystems cannot open or fsync a folder, which is fine.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def sweep_stale_staging(folder: str | os.PathLike) -> list[Path]:
     """Remove ``.staging-<pid>`` folders left in ``folder`` by runs that died (their pid is gone).
     Returns what was removed."""
@@ -247,7 +236,7 @@ class StagedFiles:
         for staged, final in self._staged:
             os.replace(staged, final)
         for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
-            _fsync_folder(folder)
+            fileio.fsync_path(folder)
         return removed
 
     def discard(self) -> None:

@@ -124,16 +124,6 @@ def write_row(slots: RowSlots, row: int, image: np.ndarray) -> None:
         raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), slots.final_path) from exc
 
 
-def _flush_to_disk(path: Path) -> None:
-    """fdatasync ``path``; errors are left for commit's own fsync to report (or the file is discarded)."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 class _SkipPayload:
     """The output file for ``commit``: writes the pickle's bytes at their place, except the pixel
     block, which is already in the file: the writer steps over it."""
@@ -187,13 +177,13 @@ class SplitFileWriter:
 
     def rows_written(self, count: int) -> None:
         """Note that ``count`` more rows are in the file. Every WRITEBACK_BYTES a background thread flushes
-        the file to disk (fdatasync, no CPU to speak of), so that ``commit``'s final fsync, which the
+        the file to disk (fsync, no CPU to speak of), so that ``commit``'s final fsync, which the
         decode processes sit idle through, has only the last rows left to wait for."""
         self._unflushed_bytes += count * self.row_bytes
         if self._unflushed_bytes < WRITEBACK_BYTES or (self._flusher is not None and self._flusher.is_alive()):
             return
         self._unflushed_bytes = 0
-        self._flusher = threading.Thread(target=_flush_to_disk, args=(self.temp_path,), daemon=True,
+        self._flusher = threading.Thread(target=fileio.fsync_path, args=(self.temp_path,), daemon=True,
                                          name="split-file-writeback")
         self._flusher.start()
 

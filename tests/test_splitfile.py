@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from dss import dataset, splitfile
+from dss import dataset, fileio, splitfile
 
 
 def split_dict(count: int, seed: int = 0) -> dict:
@@ -134,8 +134,8 @@ def test_rows_are_flushed_to_disk_in_the_background_while_decoding(tmp_path, mon
     count, size = 40, 64
     images, data = images_for(count, size), split_dict(count)
     flushed = []
-    real_flush = splitfile._flush_to_disk
-    monkeypatch.setattr(splitfile, "_flush_to_disk", lambda path: (flushed.append(path), real_flush(path)))
+    real_flush = fileio.fsync_path
+    monkeypatch.setattr(fileio, "fsync_path", lambda path: (flushed.append(path), real_flush(path)))
     monkeypatch.setattr(splitfile, "WRITEBACK_BYTES", 8 * size * size * 3)  # every 8 rows
     writer = splitfile.SplitFileWriter(tmp_path / "train_data.pkl", count, size)
     for start in range(0, count, 8):
@@ -144,5 +144,6 @@ def test_rows_are_flushed_to_disk_in_the_background_while_decoding(tmp_path, mon
         writer.rows_written(8)
         writer._wait_for_flusher()  # one flush at a time: let this one end so the next can start
     writer.commit(data, np.arange(count))
-    assert flushed == [writer.temp_path] * (count // 8)
+    # Every 8 rows the temp file was flushed; commit then syncs the folder for the rename.
+    assert flushed == [writer.temp_path] * (count // 8) + [tmp_path]
     assert writer.final_path.read_bytes() == expected_bytes(data, images)

@@ -89,6 +89,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def train_ids_written_to_s3(s3_client, bucket: str, tmp_path: Path) -> list[str]:
+    """The ids of the train pickle preprocess wrote to s3://bucket/out/ (fetched, then loaded safely)."""
+    local = tmp_path / "fetched"
+    local.mkdir()
+    (local / "train_data.pkl").write_bytes(
+        s3_client.get_object(Bucket=bucket, Key="out/train_data.pkl")["Body"].read())
+    return dataset.load_split(local, "train")["ids"]
+
+
 @pytest.fixture
 def scripted(monkeypatch):
     for key, value in FAKE_AWS_ENV.items():
@@ -244,11 +253,7 @@ def test_c11_no_region_with_an_endpoint_runs(s3_server, s3_client, bucket, s3_da
                                           "--endpoint-url", s3_server["endpoint"], "--image-size", "16",
                                           "--workers", "1"], env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    local = tmp_path / "fetched"
-    local.mkdir()
-    (local / "train_data.pkl").write_bytes(
-        s3_client.get_object(Bucket=bucket, Key="out/train_data.pkl")["Body"].read())
-    assert len(dataset.load_split(local, "train")["ids"]) == 12
+    assert len(train_ids_written_to_s3(s3_client, bucket, tmp_path)) == 12
 
 
 def test_c11_no_region_against_aws_uses_us_east_1_and_the_global_endpoint(monkeypatch, tmp_path):
@@ -335,8 +340,4 @@ def test_c12_c13_subprocess_run_with_endpoint_url_s3_and_when_required(s3_server
     result = run_script("preprocess.py", ["--input", f"s3://{bucket}/data/", "--output-dir", f"s3://{bucket}/out/",
                                           "--image-size", "16", "--workers", "1"], env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    local = tmp_path / "fetched"
-    local.mkdir()
-    (local / "train_data.pkl").write_bytes(
-        s3_client.get_object(Bucket=bucket, Key="out/train_data.pkl")["Body"].read())
-    assert len(dataset.load_split(local, "train")["ids"]) == 12
+    assert len(train_ids_written_to_s3(s3_client, bucket, tmp_path)) == 12
