@@ -40,6 +40,7 @@ final name. This script never imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import hashlib
@@ -1024,6 +1025,14 @@ def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | 
     return shard_index or 0, num_shards or 1, sharded_input is not None
 
 
+def report_failure(message: str) -> None:
+    """Leave the reason a run failed where SageMaker shows it: a training job's failure file, or a
+    Processing job's exit message (nothing outside SageMaker; stderr has it either way)."""
+    config.write_sagemaker_failure(message)
+    with contextlib.suppress(OSError):  # a read-only /opt/ml must not hide the real error
+        processing.write_exit_message(message)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     layout = Layout(args.train_labels, args.train_features, args.test_features,
@@ -1052,16 +1061,16 @@ def main(argv=None) -> int:
             problem = strict_problem(summary, output.describe(_file_names(num_shards, shard_index)["summary_txt"]))
             if problem:
                 print(f"ERROR: {problem}", file=sys.stderr)
-                config.write_sagemaker_failure(f"preprocess: {problem}")
+                report_failure(f"preprocess: {problem}")
                 return STRICT_EXIT_CODE
     except (PreprocessError, sources.SourceError, labels.LabelsError, processing.ProcessingConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        config.write_sagemaker_failure(f"preprocess: {exc}")
+        report_failure(f"preprocess: {exc}")
         return 2
     except OSError as exc:  # D1: disk full (or another OS failure) while writing the outputs
         message = os_error_message(exc)
         print(f"ERROR: {message}", file=sys.stderr)
-        config.write_sagemaker_failure(f"preprocess: {message}")
+        report_failure(f"preprocess: {message}")
         return 2
     finally:
         if output is not None:

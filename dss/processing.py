@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dss import fileio
+
 CONFIG_DIR_ENV = "DSS_PROCESSING_CONFIG_DIR"
 DEFAULT_CONFIG_DIR = "/opt/ml/config"
 RESOURCE_CONFIG = "resourceconfig.json"
@@ -87,6 +89,19 @@ def _within(path: Path, parent: Path) -> bool:
 def config_dir(environ=None) -> Path:
     env = os.environ if environ is None else environ
     return Path(env.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR)
+
+
+def write_exit_message(message: str, environ=None) -> Path | None:
+    """In a Processing job, leave ``message`` (why the run failed) in ``/opt/ml/output/message``, the
+    file whose first 1 KB the job's DescribeProcessingJob ExitMessage shows; the output folder is the
+    config folder's sibling, so ``DSS_PROCESSING_CONFIG_DIR`` moves both. Returns the path written,
+    or None outside a Processing job (no ``resourceconfig.json``)."""
+    folder = config_dir(environ)
+    if not (folder / RESOURCE_CONFIG).is_file():
+        return None
+    path = folder.parent / "output" / "message"
+    fileio.write_text(path, message if message.endswith("\n") else message + "\n")
+    return path
 
 
 def _read_json(path: Path) -> dict:

@@ -115,6 +115,7 @@ def test_unusable_config_stops_preprocess_with_exit_2(demo_data, tmp_path):
     assert result.returncode == 2
     assert "resourceconfig.json is not valid JSON" in result.stderr
     assert not list((tmp_path / "out").glob("*.pkl"))
+    assert "resourceconfig.json is not valid JSON" in (tmp_path / "output" / "message").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- case B: ShardedByS3Key images
@@ -221,6 +222,9 @@ def test_sharded_input_without_replicated_csvs_is_refused(sharded_job, tmp_path)
     assert "ShardedByS3Key input" in result.stderr
     assert "FullyReplicated" in result.stderr and "--csv-dir" in result.stderr
     assert not list((tmp_path / "out").glob("*.pkl"))
+    # The job's ExitMessage (/opt/ml/output/message beside /opt/ml/config) carries the same reason.
+    exit_message = (tmp_path / "output" / "message").read_text(encoding="utf-8")
+    assert exit_message.startswith("preprocess: ") and "ShardedByS3Key input" in exit_message
 
 
 def test_csv_dir_without_csvs_is_refused(sharded_job, tmp_path):
