@@ -48,6 +48,7 @@ import io
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -433,14 +434,14 @@ def _collect_problems(table, problems: list[dict], warnings: list[str]) -> None:
 # --------------------------------------------------------------------------- decoding
 def decode_batch(batch: list[tuple[int, bytes | str]], image_size: int, policy: str, max_pixels: int,
                  slots: splitfile.RowSlots) -> list[tuple[int, dict | None, tuple[str, str] | None]]:
-    """Decode ``[(row, bytes or local file path)]`` and write each image to its row of the split file.
+    """Decode ``[(slot, bytes or local file path)]`` and write each image to its slot of the split file.
 
-    Runs in a decode process (or in the main one with one worker). Returns ``[(row, info, None)]`` for
-    written rows and ``[(row, None, (reason, message))]`` for skips; an OSError writing the row (disk
-    full) is not a skip and propagates: it ends the run.
+    Runs in a decode process (or in the main one with one worker). Returns ``[(slot, info, None)]`` for
+    written images and ``[(slot, None, (reason, message))]`` for skips; an OSError writing the image
+    (disk full) is not a skip and propagates: it ends the run.
     """
     results = []
-    for row, data in batch:
+    for slot, data in batch:
         try:
             if isinstance(data, str):  # a folder source: the decode process reads the file itself
                 data = sources.read_local_file(data)
@@ -448,13 +449,13 @@ def decode_batch(batch: list[tuple[int, bytes | str]], image_size: int, policy: 
             info["sha256"] = hashlib.sha256(data).hexdigest()  # B8: same file in train and test
             info["bytes"] = len(data)
         except (images.ImageSkip, sources.ObjectSkip) as skip:
-            results.append((row, None, (skip.reason, str(skip))))
+            results.append((slot, None, (skip.reason, str(skip))))
             continue
         except Exception as exc:  # a decoder bug must not lose the other images: record it by name
-            results.append((row, None, ("unexpected_error", f"{type(exc).__name__}: {exc}")))
+            results.append((slot, None, ("unexpected_error", f"{type(exc).__name__}: {exc}")))
             continue
-        splitfile.write_row(slots, row, array)
-        results.append((row, info, None))
+        splitfile.write_row(slots, slot, array)
+        results.append((slot, info, None))
     return results
 
 
@@ -477,9 +478,9 @@ class SplitResult:
     seconds: float
     source_stats: dict
     content_sha256: list[str] = field(default_factory=list)  # per written row (not stored in the pickle)
-    # The split's pickle under construction (its image rows are already in it) and the written rows.
+    # The split's pickle under construction (its image rows are already in it) and its written slots.
     writer: splitfile.SplitFileWriter | None = None
-    kept_rows: np.ndarray | None = None
+    kept_slots: np.ndarray | None = None
 
     def discard(self) -> None:
         """Remove the unfinished pickle (the run failed, or nothing was written)."""
@@ -491,16 +492,18 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
                   policy: str, max_pixels: int, pool: ProcessPoolExecutor | None, workers: int, download_threads: int,
                   source_uri: str, pickle_path: Path, quiet: bool) -> SplitResult:
     """Download and decode every item of ``plan`` into the split pickle being built at ``pickle_path``
-    (see dss.splitfile; ``SplitResult.writer.commit`` finishes it). Rows are in ``plan.items`` order."""
+    (see dss.splitfile; ``SplitResult.writer.commit`` finishes it). Rows are in ``plan.items`` order.
+
+    Each item that gets past the listing checks has a slot (a row of the pickle under construction);
+    items skipped before download take none, so only skips found while decoding leave gaps for
+    commit to close."""
     started = time.perf_counter()
     stats_before = source.stats.as_dict()
     items = plan.items
-    count = len(items)
-    written = np.zeros(count, dtype=bool)
-    decoded_info: list[dict | None] = [None] * count
     skipped = list(plan.skipped)
 
-    rows_by_key = {}
+    row_of_slot: list[int] = []  # slot -> index into plan.items, ascending
+    slot_of_key: dict[str, int] = {}
     for row, item in enumerate(items):
         try:
             source.check_size(sources.ObjectInfo(item.key, item.size))
@@ -510,18 +513,21 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
         if item.size == 0:
             skipped.append(_skip(item.key, item.id, "empty", "zero-byte object (from the listing)", item.csv_row))
             continue
-        rows_by_key[item.key] = row
+        slot_of_key[item.key] = len(row_of_slot)
+        row_of_slot.append(row)
+    written = np.zeros(len(row_of_slot), dtype=bool)  # per slot
+    decoded_info: list[dict | None] = [None] * len(row_of_slot)
 
     def take(results):
         writer.rows_written(sum(1 for _, info, _ in results if info is not None))
-        for row, info, problem in results:
+        for slot, info, problem in results:
             if info is None:
                 reason, message = problem
-                item = items[row]
+                item = items[row_of_slot[slot]]
                 skipped.append(_skip(item.key, item.id, reason, message, item.csv_row))
             else:
-                written[row] = True
-                decoded_info[row] = info
+                written[slot] = True
+                decoded_info[slot] = info
             progress.update(1)
 
     def submit(batch):
@@ -536,28 +542,29 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
                 take(future.result())
 
     def fetched():
-        """(row, bytes or path): folders hand paths to the decode processes, S3 objects are downloaded here."""
+        """(slot, bytes or path): folders hand paths to the decode processes, S3 objects are downloaded here."""
         if source.local_path("") is not None:
-            for key, row in rows_by_key.items():
-                yield row, source.local_path(key)
+            for key, slot in slot_of_key.items():
+                yield slot, source.local_path(key)
             return
-        for key, result in source.fetch_many(list(rows_by_key), threads=download_threads):
-            row = rows_by_key[key]
+        for key, result in source.fetch_many(list(slot_of_key), threads=download_threads):
+            slot = slot_of_key[key]
             if isinstance(result, sources.ObjectSkip):
-                skipped.append(_skip(key, items[row].id, result.reason, str(result), items[row].csv_row))
+                item = items[row_of_slot[slot]]
+                skipped.append(_skip(key, item.id, result.reason, str(result), item.csv_row))
                 progress.update(1)
                 continue
-            yield row, result
+            yield slot, result
 
-    progress = tqdm(total=len(rows_by_key), desc=plan.name, unit="img",
+    progress = tqdm(total=len(slot_of_key), desc=plan.name, unit="img",
                     disable=quiet or not sys.stderr.isatty())
     pending = set()
     batch: list[tuple[int, bytes | str]] = []
     max_pending = 4 * workers  # decode tasks in flight: keeps every process busy, bounds memory
-    with splitfile.SplitFileWriter(pickle_path, count, image_size) as writer:  # removed again on any error
+    with splitfile.SplitFileWriter(pickle_path, len(row_of_slot), image_size) as writer:  # removed on any error
         try:
-            for row, data in fetched():
-                batch.append((row, data))
+            for slot, data in fetched():
+                batch.append((slot, data))
                 if len(batch) >= DECODE_BATCH:
                     submit(batch)
                     batch = []
@@ -577,13 +584,13 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     seconds = time.perf_counter() - started
     stats_after = source.stats.as_dict()
     source_stats = {name: stats_after[name] - stats_before[name] for name in stats_after}
-    kept_rows = np.flatnonzero(written)
-    if len(kept_rows) == 0:
+    kept_slots = np.flatnonzero(written)
+    if len(kept_slots) == 0:
         writer.discard()
         return SplitResult(plan, None, skipped, seconds, source_stats)
 
-    kept = [items[row] for row in kept_rows]
-    infos = [decoded_info[row] for row in kept_rows]
+    kept = [items[row_of_slot[slot]] for slot in kept_slots]
+    infos = [decoded_info[slot] for slot in kept_slots]
     data = {
         # numpy string arrays: pickles then do not depend on which str objects happen to be shared.
         "ids": np.array([item.id for item in kept], dtype=str),
@@ -611,7 +618,7 @@ def process_split(source: sources.Source, plan: SplitPlan, class_names: list[str
     if plan.has_csv_rows:
         data["meta"]["csv_row"] = np.array([item.csv_row for item in kept], dtype=np.int64)
     return SplitResult(plan, data, skipped, seconds, source_stats, [info["sha256"] for info in infos],
-                       writer, kept_rows)
+                       writer, kept_slots)
 
 
 def check_alignment(result: SplitResult, label_of: dict[str, int] | None) -> None:
@@ -739,7 +746,7 @@ def _commit_pickle(path: Path, result: SplitResult) -> None:
     """Finish ``result``'s pickle (its image rows are already in place) as ``path``."""
     if result.writer.final_path != path:
         raise ValueError(f"the pickle of split {result.plan.name} is being built as {result.writer.final_path}, not {path}")
-    result.writer.commit(result.data, result.kept_rows)
+    result.writer.commit(result.data, result.kept_slots)
 
 
 def os_error_message(exc: OSError) -> str:
@@ -748,8 +755,11 @@ def os_error_message(exc: OSError) -> str:
     where = exc.filename if exc.filename is not None else "(no path given)"
     detail = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"disk full while writing {where} ({code}: {detail}); free some space or pick another "
-                "--output-dir. No partial file was left under a final name")
+        # An s3:// output is staged in a local temp folder first: its disk is the one that filled up.
+        staged = where.startswith(os.path.join(tempfile.gettempdir(), sources.S3_STAGING_PREFIX))
+        fix = ("point TMPDIR at a disk with space (an s3:// output is staged there before upload)" if staged
+               else "free some space or pick another --output-dir")
+        return f"disk full while writing {where} ({code}: {detail}); {fix}. No partial file was left under a final name"
     return f"{where}: {detail} ({code})"
 
 
@@ -771,11 +781,11 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
     try:
         _process_splits(source, plan, image_size, policy, max_pixels, pool, workers, download_threads, input_uri,
                         _file_names(num_shards, shard_index), staging_dir, log, quiet, results)
+        plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
     except BaseException:
         for result in results:
             result.discard()
         raise
-    plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
     for warning in leakage_warnings:
         log(f"WARNING: {warning}")
     plan.warnings.extend(leakage_warnings)
@@ -849,22 +859,23 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
     ``presharded``: see ``plan_dataset``."""
     log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     started = time.perf_counter()
-    output.prepare()  # D4: fail before any download if the output is not writable
+    output.prepare(_file_names(num_shards, shard_index).values())  # D4: fail before any download if unwritable
     pool = _decode_pool(workers)  # started now so the workers boot while the listing runs
+    results: list[SplitResult] = []
     try:
-        plan = plan_dataset(source, layout, log, csv_source=csv_source, presharded=presharded)
-        results = process_plan(source, plan, layout, image_size, policy, max_pixels, pool, workers,
-                               download_threads, input_uri, limit, shard_index, num_shards, output.staging_dir,
-                               log, quiet)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    try:
+        try:
+            plan = plan_dataset(source, layout, log, csv_source=csv_source, presharded=presharded)
+            results = process_plan(source, plan, layout, image_size, policy, max_pixels, pool, workers,
+                                   download_threads, input_uri, limit, shard_index, num_shards, output.staging_dir,
+                                   log, quiet)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         return _write_outputs(output, plan, results, input_uri, image_size, policy, max_pixels, limit, shard_index,
                               num_shards, workers, download_threads, started, log)
     finally:
         for result in results:
-            result.discard()  # only an unfinished pickle remains to remove: after commit there is none
+            result.discard()  # an unfinished pickle (a failure or Ctrl-C); after commit there is none
 
 
 def _write_outputs(output: sources.Output, plan: Plan, results: list[SplitResult], input_uri: str, image_size: int,

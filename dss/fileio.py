@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Collection, Iterator
 
 _TEMP_PATTERN = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp$")
 
@@ -102,15 +102,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove temp files left in ``folder`` by killed runs (their pid is gone). Returns what was removed."""
+def sweep_stale_temps(folder: str | os.PathLike, finals: Collection[str] | None = None) -> list[Path]:
+    """Remove temp files left in ``folder`` by killed runs (their pid is gone). Returns what was removed.
+
+    ``finals``: only temps of these final file names. Runs that share a folder across machines or
+    containers (shards on a network filesystem) see pids of other pid namespaces as dead, so each
+    run sweeps only the names it is about to write itself.
+    """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         match = _TEMP_PATTERN.match(entry.name)
-        if not match or not entry.is_file():
+        if not match or not entry.is_file() or (finals is not None and match.group("final") not in finals):
             continue
         pid = int(match.group("pid"))
         if pid != os.getpid() and _pid_alive(pid):

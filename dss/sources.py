@@ -48,7 +48,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 from dss import fileio
 
@@ -61,6 +61,7 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 # the endpoint is down or throttling everything, and waiting out every key would take hours.
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 50
 # Skip reasons that count towards that streak (a per-key problem such as "missing" does not).
+S3_STAGING_PREFIX = "dss-output-"  # local temp folders where an s3:// output is written before upload
 STREAK_REASONS = frozenset({"download_failed", "checksum_mismatch"})
 # An ETag that is the MD5 of the bytes: 32 hex digits (multipart ETags end in "-<parts>").
 MD5_ETAG = re.compile(r"[0-9a-f]{32}")
@@ -563,8 +564,9 @@ class Output:
 
     staging_dir: Path
 
-    def prepare(self) -> None:
-        """Create/check the destination; fail fast (before any download) if it is not writable (D4)."""
+    def prepare(self, names: Collection[str] | None = None) -> None:
+        """Create/check the destination; fail fast (before any download) if it is not writable (D4).
+        ``names``: the files this run will write (temps of these left by killed runs are swept)."""
         raise NotImplementedError
 
     def publish(self, names: list[str]) -> None:
@@ -586,12 +588,12 @@ class LocalOutput(Output):
         self.folder = Path(folder)
         self.staging_dir = self.folder
 
-    def prepare(self) -> None:
+    def prepare(self, names: Collection[str] | None = None) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SourceError(f"cannot create output folder {self.folder}: {exc}") from exc
-        fileio.sweep_stale_temps(self.folder)
+        fileio.sweep_stale_temps(self.folder, names)
         probe = self.folder / ".preprocess-write-check"
         try:
             fileio.write_bytes(probe, b"ok")
@@ -621,7 +623,7 @@ class S3Output(Output):
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS):
         self.bucket, self.prefix = split_s3_uri(uri)
         self.client = client or make_s3_client(endpoint_url, max_attempts)
-        self.staging_dir = Path(tempfile.mkdtemp(prefix="dss-output-"))
+        self.staging_dir = Path(tempfile.mkdtemp(prefix=S3_STAGING_PREFIX))
 
     def _key(self, name: str) -> str:
         return _join_key(self.prefix, name)
@@ -643,7 +645,7 @@ class S3Output(Output):
             return SourceError(f"cannot {action} {where}: {code} {message} [HTTP {status}, request-id {request_id}]")
         return SourceError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
 
-    def prepare(self) -> None:
+    def prepare(self, names: Collection[str] | None = None) -> None:  # staging is a fresh temp folder
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self._key(".preprocess-write-check")

@@ -161,12 +161,18 @@ class SplitFileWriter:
         self.row_bytes = image_size * image_size * 3
         self.image_size = image_size
         self.slots = RowSlots(str(self.temp_path), str(self.final_path), PAYLOAD_OFFSET, self.row_bytes, rows)
-        self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.temp_path, "wb") as handle:
-            # Sparse until written: a full disk shows up as ENOSPC from write_row, naming the file.
-            handle.truncate(PAYLOAD_OFFSET + rows * self.row_bytes)
         self._unflushed_bytes = 0
         self._flusher: threading.Thread | None = None
+        self._flush_error: OSError | None = None  # what a background flush met, reported by commit
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.temp_path, "wb") as handle:
+                # Sparse until written: a full disk shows up as ENOSPC from write_row, naming the file.
+                handle.truncate(PAYLOAD_OFFSET + rows * self.row_bytes)
+        except OSError as exc:  # e.g. EFBIG: larger than the filesystem allows (FAT32: 4 GiB)
+            with contextlib.suppress(OSError):
+                self.temp_path.unlink()
+            raise OSError(exc.errno, exc.strerror, str(self.final_path)) from exc
 
     def __enter__(self) -> SplitFileWriter:
         return self
@@ -183,9 +189,21 @@ class SplitFileWriter:
         if self._unflushed_bytes < WRITEBACK_BYTES or (self._flusher is not None and self._flusher.is_alive()):
             return
         self._unflushed_bytes = 0
-        self._flusher = threading.Thread(target=fileio.fsync_path, args=(self.temp_path,), daemon=True,
-                                         name="split-file-writeback")
+        self._flusher = threading.Thread(target=self._flush, daemon=True, name="split-file-writeback")
         self._flusher.start()
+
+    def _flush(self) -> None:
+        """fsync the temp file (in the background thread). An error is kept for ``commit`` to raise:
+        once one fsync has reported a writeback error, Linux does not report it again to a
+        descriptor opened later, so commit's own fsync would pass over lost rows."""
+        try:
+            descriptor = os.open(self.temp_path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        except OSError as exc:
+            self._flush_error = self._flush_error or exc
 
     def _wait_for_flusher(self) -> None:
         if self._flusher is not None:
@@ -206,6 +224,10 @@ class SplitFileWriter:
         (ascending row numbers that were written) as the final pickle; returns its path."""
         close_row_files()  # in-process decoding (one worker) wrote through this process's descriptor
         self._wait_for_flusher()
+        if self._flush_error is not None:
+            error = self._flush_error
+            raise OSError(error.errno, f"{error.strerror} (while flushing image rows to disk)",
+                          str(self.final_path)) from error
         kept_rows = np.asarray(kept_rows, dtype=np.int64)
         count = len(kept_rows)
         size = PAYLOAD_OFFSET + count * self.row_bytes
@@ -226,7 +248,7 @@ class SplitFileWriter:
         return self.final_path
 
     def _compact(self, handle, kept_rows: np.ndarray) -> None:
-        """Move the kept rows up over skipped ones (rare: only when images were skipped)."""
+        """Move the kept rows up over the slots of images skipped while decoding."""
         buffer = bytearray(self.row_bytes)
         for target, row in enumerate(kept_rows.tolist()):
             if target != row:
@@ -237,15 +259,21 @@ class SplitFileWriter:
 
     def _pickle_around_block(self, handle, data: dict, count: int) -> None:
         shape = (count, self.image_size, self.image_size, 3)
-        # A writable shared map: numpy then pickles the block as a writable buffer (BYTEARRAY8), the
-        # same opcode as for any in-memory array, so readers get writable arrays as before.
-        with mmap.mmap(handle.fileno(), PAYLOAD_OFFSET + count * self.row_bytes) as mapped:
-            images = np.ndarray(shape, dtype=np.uint8, buffer=mapped, offset=PAYLOAD_OFFSET)
-            clean = dataset.validate({**data, "images": images}, str(self.final_path))
-            output = _SkipPayload(handle, images.ctypes.data, images.nbytes)
-            handle.seek(0)
-            pickle.Pickler(output, protocol=dataset.PICKLE_PROTOCOL).dump(clean)
-            del images, clean
+        # The pickler needs an array of the block's shape to hand over as a buffer, never its bytes
+        # (they are in the file already): an anonymous map, whose pages are never touched, so it
+        # costs no memory. Writable, so numpy pickles it as BYTEARRAY8, like any in-memory array, and
+        # readers get writable arrays. np.frombuffer holds a buffer export: the map cannot be closed
+        # under a live view.
+        with mmap.mmap(-1, count * self.row_bytes) as placeholder:
+            images = np.frombuffer(placeholder, dtype=np.uint8).reshape(shape)
+            try:
+                clean = dataset.validate({**data, "images": images}, str(self.final_path))
+                output = _SkipPayload(handle, images.ctypes.data, images.nbytes)
+                handle.seek(0)
+                pickle.Pickler(output, protocol=dataset.PICKLE_PROTOCOL).dump(clean)
+            finally:
+                del images
+                clean = None
         if not output.stepped_over:
             raise RuntimeError(f"{self.final_path}: the pickler did not reach the pixel block")
 

@@ -115,3 +115,15 @@ def test_sagemaker_paths_come_from_environment(tmp_path):
     path = config.write_sagemaker_failure("bad data", env)
     assert path == tmp_path / "failure" and path.read_text() == "bad data\n"
     assert config.write_sagemaker_failure("x", {}) is None
+
+
+def test_sweep_limited_to_named_files_keeps_other_runs_temps(tmp_path):
+    """Shard runs sharing a folder from several machines see each other's pids as dead: a run sweeps
+    only the temps of the files it will write itself."""
+    dead_pid = 2 ** 22 + 12345
+    mine = tmp_path / f".train_data-00000-of-00002.pkl.{dead_pid}.tmp"
+    other_shard = tmp_path / f".train_data-00001-of-00002.pkl.{dead_pid}.tmp"
+    for path in (mine, other_shard):
+        path.write_text("stale or another machine's")
+    removed = fileio.sweep_stale_temps(tmp_path, finals={"train_data-00000-of-00002.pkl", "test_data.pkl"})
+    assert removed == [mine] and other_shard.exists()

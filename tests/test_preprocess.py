@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 import zlib
 from pathlib import Path
@@ -567,3 +568,11 @@ def test_disk_full_while_writing_the_pickle_is_one_clear_error(demo_data, tiny_f
 def test_other_os_errors_name_path_and_errno():
     message = preprocess.os_error_message(OSError(errno.EACCES, "Permission denied", "/out/train_data.pkl"))
     assert message == "/out/train_data.pkl: Permission denied (EACCES)"
+
+
+def test_disk_full_in_the_staging_folder_of_an_s3_output_points_at_tmpdir():
+    staged = os.path.join(tempfile.gettempdir(), f"{sources.S3_STAGING_PREFIX}abc", "train_data.pkl")
+    message = preprocess.os_error_message(OSError(errno.ENOSPC, "No space left on device", staged))
+    assert "TMPDIR" in message and staged in message
+    local = preprocess.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/out/train_data.pkl"))
+    assert "pick another --output-dir" in local and "TMPDIR" not in local

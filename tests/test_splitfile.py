@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from dss import dataset, fileio, splitfile
+from dss import dataset, splitfile
 
 
 def split_dict(count: int, seed: int = 0) -> dict:
@@ -130,20 +130,61 @@ def test_disk_full_names_the_pickle_and_leaves_no_final_file(tiny_filesystem):
     assert list(tiny_filesystem.iterdir()) == []
 
 
-def test_rows_are_flushed_to_disk_in_the_background_while_decoding(tmp_path, monkeypatch):
-    count, size = 40, 64
-    images, data = images_for(count, size), split_dict(count)
-    flushed = []
-    real_flush = fileio.fsync_path
-    monkeypatch.setattr(fileio, "fsync_path", lambda path: (flushed.append(path), real_flush(path)))
-    monkeypatch.setattr(splitfile, "WRITEBACK_BYTES", 8 * size * size * 3)  # every 8 rows
-    writer = splitfile.SplitFileWriter(tmp_path / "train_data.pkl", count, size)
-    for start in range(0, count, 8):
+def write_in_steps_of_8(writer: splitfile.SplitFileWriter, images: np.ndarray) -> None:
+    for start in range(0, len(images), 8):
         for row in range(start, start + 8):
             splitfile.write_row(writer.slots, row, images[row])
         writer.rows_written(8)
         writer._wait_for_flusher()  # one flush at a time: let this one end so the next can start
+
+
+def test_rows_are_flushed_to_disk_in_the_background_while_decoding(tmp_path, monkeypatch):
+    count, size = 40, 64
+    images, data = images_for(count, size), split_dict(count)
+    flushed_descriptors = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed_descriptors.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(splitfile, "WRITEBACK_BYTES", 8 * size * size * 3)  # every 8 rows
+    writer = splitfile.SplitFileWriter(tmp_path / "train_data.pkl", count, size)
+    write_in_steps_of_8(writer, images)
+    assert len(flushed_descriptors) == count // 8  # one background flush per 8 rows, before commit
     writer.commit(data, np.arange(count))
-    # Every 8 rows the temp file was flushed; commit then syncs the folder for the rename.
-    assert flushed == [writer.temp_path] * (count // 8) + [tmp_path]
     assert writer.final_path.read_bytes() == expected_bytes(data, images)
+
+
+def test_a_failed_background_flush_fails_the_commit(tmp_path, monkeypatch):
+    """Linux reports a writeback error to one fsync only: the one the background flush got must
+    stop commit, or a pickle with lost rows would be published."""
+    count, size = 16, 64
+    real_fsync, calls = os.fsync, []
+
+    def fsync_failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_failing_once)
+    monkeypatch.setattr(splitfile, "WRITEBACK_BYTES", 8 * size * size * 3)
+    writer = splitfile.SplitFileWriter(tmp_path / "train_data.pkl", count, size)
+    write_in_steps_of_8(writer, images_for(count, size))
+    with pytest.raises(OSError) as caught:
+        writer.commit(split_dict(count), np.arange(count))
+    assert caught.value.errno == errno.EIO and caught.value.filename == str(writer.final_path)
+    assert "while flushing image rows to disk" in str(caught.value)
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pickle_too_large_for_the_filesystem_names_it_and_leaves_nothing(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 2**20, hard))  # files may not pass 10 MiB (Python ignores SIGXFSZ)
+    try:
+        with pytest.raises(OSError) as caught:
+            splitfile.SplitFileWriter(tmp_path / "train_data.pkl", 1000, 224)  # 150 MB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert caught.value.errno == errno.EFBIG and caught.value.filename == str(tmp_path / "train_data.pkl")
+    assert list(tmp_path.iterdir()) == []
