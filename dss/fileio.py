@@ -22,10 +22,9 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.tmp")
 
 
-def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or folder by path (a folder: makes renames in it durable). Best effort: some
-    filesystems cannot open or fsync a folder, and a failing flush of a file is reported by the
-    writer's own final fsync."""
+def fsync_folder(path: str | os.PathLike) -> None:
+    """fsync a folder by path, making the renames in it durable. Best effort: some filesystems
+    cannot open or fsync a folder. (Files are fsynced by their writers, which must see the error.)"""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -60,13 +59,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    fsync_path(final.parent)
+    fsync_folder(final.parent)
 
 
 def replace_with_temp(temp: Path, final: Path) -> None:
     """Make a fully written and fsync'd ``temp`` (from ``temp_path``) the file ``final``, durably."""
     os.replace(temp, final)
-    fsync_path(final.parent)
+    fsync_folder(final.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

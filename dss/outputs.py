@@ -236,7 +236,7 @@ class StagedFiles:
         for staged, final in self._staged:
             os.replace(staged, final)
         for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
-            fileio.fsync_path(folder)
+            fileio.fsync_folder(folder)
         return removed
 
     def discard(self) -> None:
