@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from dss import checkpoint as checkpoint_lib
-from dss import config, dataset, distributed, engine, fileio, loader, metrics, outputs, split
+from dss import cli, dataset, distributed, engine, fileio, loader, metrics, outputs, reporting, sagemaker, split
 from dss import model as model_lib
 from dss.serve import MODEL_FILENAME, input_fn, model_fn, output_fn, predict_fn  # noqa: F401 - SageMaker hosting handlers
 
@@ -86,23 +86,14 @@ class _ArgumentParser(argparse.ArgumentParser):
     """An argument error is a failed job too: SageMaker shows the reason from the failure file."""
 
     def error(self, message: str):
-        config.write_sagemaker_failure(f"invalid arguments: {message}")
+        sagemaker.write_failure(f"invalid arguments: {message}")
         super().error(message)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" except where the help already explains a computed default (None)."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         description="Fine-tune ResNet18 on preprocess.py pickles (also the SageMaker entry point).",
-        formatter_class=_HelpFormatter,
+        formatter_class=cli.HelpFormatter,
         allow_abbrev=False,
     )
     paths = parser.add_argument_group("paths")
@@ -119,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "[default: none locally; /opt/ml/checkpoints under SageMaker]")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=config.positive_int, default=10, help="passes over the training split")
-    train.add_argument("--batch-size", type=config.positive_int, default=32,
+    train.add_argument("--epochs", type=cli.positive_int, default=10, help="passes over the training split")
+    train.add_argument("--batch-size", type=cli.positive_int, default=32,
                        help="training images per optimizer step (on a GPU use 256 or more for throughput)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate after warm-up")
     train.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw", help="optimizer")
@@ -130,31 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                        help="'balanced' weights the loss by inverse class frequency")
-    train.add_argument("--patience", type=config.non_negative_int, default=0,
+    train.add_argument("--patience", type=cli.non_negative_int, default=0,
                        help="stop after this many epochs without a better val_logloss (0 = never)")
     train.add_argument("--weights", default="imagenet",
                        help="initial weights: 'imagenet' (torchvision download/cache), 'none' (random) "
                             "or a PATH to a state dict / model.pth")
-    train.add_argument("--image-size", type=config.positive_int, default=None,
+    train.add_argument("--image-size", type=cli.positive_int, default=None,
                        help="network input size in px [default: the size stored in the pickles]")
     train.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
 
     split_group = parser.add_argument_group("validation split")
-    split_group.add_argument("--val-fraction", type=config.fraction, default=0.25,
+    split_group.add_argument("--val-fraction", type=cli.fraction, default=0.25,
                              help="share of the labelled images held out for validation")
     split_group.add_argument("--split-by", choices=split.SPLIT_CHOICES, default=None,
                              help="'site' keeps every camera site on one side (what the test set needs); "
                                   "[default: site when the data has sites, else random]")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--predict-only", type=config.str2bool, nargs="?", const=True, default=False,
+    run.add_argument("--predict-only", type=cli.str2bool, nargs="?", const=True, default=False,
                      help="no training: load model.pth from --model-dir and write test_predictions.csv "
                           "for --data-dir (true/false; the flag alone means true)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="'auto' uses the GPU when there is one")
-    run.add_argument("--compile", type=config.str2bool, default=False,
+    run.add_argument("--compile", type=cli.str2bool, default=False,
                      help="torch.compile the model (true/false; ~20 s compile, faster epochs on GPU)")
-    run.add_argument("--tta", type=config.str2bool, default=False,
+    run.add_argument("--tta", type=cli.str2bool, default=False,
                      help="average predictions over the image and its horizontal flip (true/false)")
     run.add_argument("--data-in-memory", choices=loader.MEMORY_MODES, default="auto",
                      help="where the images live while training: 'device' (all on the GPU; pinned host memory "
@@ -162,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "shard by shard from --data-dir with double buffering: data bigger than memory); "
                           f"'auto' streams when the train pickles exceed {loader.HOST_MEMORY_SHARE * 100:.0f}%% of the "
                           "available host memory, else 'device'")
-    run.add_argument("--eval-batch-size", type=config.positive_int, default=256,
+    run.add_argument("--eval-batch-size", type=cli.positive_int, default=256,
                      help="images per forward pass when evaluating and predicting")
-    run.add_argument("--num-threads", type=config.positive_int, default=None,
+    run.add_argument("--num-threads", type=cli.positive_int, default=None,
                      help="CPU threads for torch [default: torch's choice]")
     return parser
 
@@ -176,11 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_paths(args: argparse.Namespace) -> dict:
     """Flags win; then SageMaker's SM_* variables; then the local defaults."""
-    data_dir = args.data_dir or config.sagemaker_data_dir() or "./output"
-    model_dir = args.model_dir or config.sagemaker_model_dir() or "./models"
-    sagemaker_output = config.sagemaker_output_data_dir() if config.under_sagemaker() else None
+    data_dir = args.data_dir or sagemaker.training_channel() or "./output"
+    model_dir = args.model_dir or sagemaker.model_dir() or "./models"
+    sagemaker_output = sagemaker.output_data_dir() if sagemaker.under_sagemaker() else None
     output_dir = args.output_dir or sagemaker_output or model_dir
-    checkpoint_dir = args.checkpoint_dir or config.sagemaker_checkpoint_dir()
+    checkpoint_dir = args.checkpoint_dir or sagemaker.checkpoint_dir()
     return {"data_dir": Path(data_dir), "model_dir": Path(model_dir), "output_dir": Path(output_dir),
             "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
 
@@ -619,7 +610,7 @@ def load_optional_test_split(data_dir: Path, streamed: bool = False) -> dict | N
 def sweep_leftovers(folders: list[Path]) -> None:
     """Temp files and staging folders left in the output folders by runs that were killed."""
     for folder in dict.fromkeys(folders):
-        for path in fileio.sweep_stale_temps(folder) + outputs.sweep_stale_staging(folder):
+        for path in fileio.sweep_stale(folder):
             log(f"removed {path} (left by a run that was killed)")
 
 
@@ -627,7 +618,7 @@ def write_test_predictions(path: Path, data_dir: Path, test_data: dict, test_pro
                            prior: np.ndarray, class_names: list[str]) -> dict:
     """Write test_predictions.csv to ``path`` (every test id, skipped ones filled with ``prior``);
     returns a summary."""
-    skipped = outputs.read_skipped_test_ids(data_dir)
+    skipped = reporting.read_skipped_test_ids(data_dir)
     written = set(test_data["ids"])
     skipped = [entry for entry in skipped if entry["id"] not in written]
     csv_rows = outputs.csv_rows_from_meta(test_data["meta"])
@@ -740,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TrainingInterrupted as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        config.write_sagemaker_failure(str(exc))
+        sagemaker.write_failure(str(exc))
         return SIGTERM_EXIT_CODE
     except Exception as exc:  # noqa: BLE001 - every failure must reach stderr and SageMaker's failure file
         expected = (dataset.DatasetError, FileNotFoundError, model_lib.WeightsError,
@@ -750,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}"
         print(f"error: {reason}", file=sys.stderr, flush=True)
-        config.write_sagemaker_failure(reason)
+        sagemaker.write_failure(reason)
         return 1
 
 

@@ -40,7 +40,6 @@ final name. This script never imports torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import errno
 import hashlib
@@ -59,12 +58,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from dss import config, dataset, fileio, images, labels, processing, sources, splitfile
+from dss import cli, dataset, fileio, images, labels, reporting, sagemaker, sources, splitfile
 
 DEFAULT_INPUT = "./data"
 BUCKET_EXAMPLE = "s3://animal-classification-dss-works/data/"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no extension is accepted too
-SUMMARY_NAME = "preprocessing_summary"
 DECODE_BATCH = 16            # images per task sent to a decode process (amortises IPC)
 SPLIT_TITLES = {"train": "TRAINING", "test": "TEST"}  # the prototype's stage lines
 STRICT_EXIT_CODE = 3        # --strict: the run completed but skipped something
@@ -720,17 +718,6 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _file_names(num_shards: int, shard_index: int) -> dict[str, str]:
-    suffix = "" if num_shards == 1 else f"-{shard_index:05d}-of-{num_shards:05d}"
-    names = {f"{split}_data": dataset.split_filename(split, shard_index if num_shards > 1 else None,
-                                                      num_shards if num_shards > 1 else None)
-             for split in dataset.SPLITS}
-    names.update({f"{split}_metadata": f"{split}_metadata{suffix}.csv" for split in dataset.SPLITS})
-    names["summary_json"] = f"{SUMMARY_NAME}{suffix}.json"
-    names["summary_txt"] = f"{SUMMARY_NAME}{suffix}.txt"
-    return names
-
-
 # --------------------------------------------------------------------------- the run
 def _write(path: Path, writer, content) -> None:
     """``writer(path, content)``; an OSError that names no file (write() on a full disk) gets ``path``."""
@@ -780,7 +767,7 @@ def process_plan(source: sources.Source, plan: Plan, layout: Layout, image_size:
     results = []
     try:
         _process_splits(source, plan, image_size, policy, max_pixels, pool, workers, download_threads, input_uri,
-                        _file_names(num_shards, shard_index), staging_dir, log, quiet, results)
+                        reporting.file_names(num_shards, shard_index), staging_dir, log, quiet, results)
         plan.leakage, leakage_warnings = leakage_report(results, plan.class_names)
     except BaseException:
         for result in results:
@@ -859,7 +846,7 @@ def run(source: sources.Source, output: sources.Output, input_uri: str, layout: 
     ``presharded``: see ``plan_dataset``."""
     log = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     started = time.perf_counter()
-    output.prepare(_file_names(num_shards, shard_index).values())  # D4: fail before any download if unwritable
+    output.prepare(reporting.file_names(num_shards, shard_index).values())  # D4: fail before any download if unwritable
     pool = _decode_pool(workers)  # started now so the workers boot while the listing runs
     results: list[SplitResult] = []
     try:
@@ -882,7 +869,7 @@ def _write_outputs(output: sources.Output, plan: Plan, results: list[SplitResult
                    policy: str, max_pixels: int, limit: int | None, shard_index: int, num_shards: int, workers: int,
                    download_threads: int, started: float, log) -> dict:
     """Finish the split pickles, write the metadata CSVs and the summary, publish; returns the summary."""
-    names = _file_names(num_shards, shard_index)
+    names = reporting.file_names(num_shards, shard_index)
     summary = {
         "format_version": dataset.FORMAT_VERSION,
         "input": input_uri,
@@ -953,34 +940,30 @@ def strict_problem(summary: dict, summary_location: str) -> str | None:
             f"but the run fails. Each one is listed with its key and reason in {summary_location}")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the description's layout and shows every flag's default."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", default=DEFAULT_INPUT,
                         help="s3://bucket/prefix/ or a folder")
     parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/")
-    parser.add_argument("--image-size", type=config.positive_int, default=224, help="stored square size in px")
+    parser.add_argument("--image-size", type=cli.positive_int, default=224, help="stored square size in px")
     parser.add_argument("--resize", choices=images.RESIZE_POLICIES, default="squash",
                         help="squash (whole frame), crop (centre) or pad (black border)")
-    parser.add_argument("--workers", type=config.positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
                         help="decode processes, default all CPUs of this machine (1 decodes in this process)")
-    parser.add_argument("--download-threads", type=config.positive_int, default=sources.DEFAULT_DOWNLOAD_THREADS,
+    parser.add_argument("--download-threads", type=cli.positive_int, default=sources.DEFAULT_DOWNLOAD_THREADS,
                         help="concurrent S3 downloads / file reads")
     parser.add_argument("--endpoint-url", default=None,
                         help="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS)")
-    parser.add_argument("--max-attempts", type=config.positive_int, default=sources.DEFAULT_MAX_ATTEMPTS,
+    parser.add_argument("--max-attempts", type=cli.positive_int, default=sources.DEFAULT_MAX_ATTEMPTS,
                         help="S3 attempts per request, first try included")
     parser.add_argument("--read-timeout", type=float, default=sources.DEFAULT_READ_TIMEOUT_S,
                         help="S3 socket read timeout in seconds")
     parser.add_argument("--no-etag-check", action="store_true",
                         help="do not check S3 bodies against MD5 ETags (for stores whose ETags are not MD5s; "
                              "S3 checksums are still checked)")
-    parser.add_argument("--limit", type=config.positive_int, default=None, help="first N ids per split (quick runs)")
-    parser.add_argument("--max-pixels", type=config.positive_int, default=images.DEFAULT_MAX_PIXELS,
+    parser.add_argument("--limit", type=cli.positive_int, default=None, help="first N ids per split (quick runs)")
+    parser.add_argument("--max-pixels", type=cli.positive_int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (decompression bombs)")
     parser.add_argument("--max-object-mb", type=float, default=sources.DEFAULT_MAX_OBJECT_BYTES / 2**20,
                         help="refuse objects larger than this many MiB, from the listing, before download")
@@ -994,14 +977,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder of train images when the CSV has no filepath")
     parser.add_argument("--test-dir", default=Layout.test_dir,
                         help="folder of test images when the CSV has no filepath")
-    parser.add_argument("--num-shards", type=config.positive_int, default=None,
+    parser.add_argument("--num-shards", type=cli.positive_int, default=None,
                         help="split every split's sorted ids into K contiguous shards (default 1, or the "
                              "SageMaker Processing job's instance count) ...")
-    parser.add_argument("--shard-index", type=config.non_negative_int, default=None,
+    parser.add_argument("--shard-index", type=cli.non_negative_int, default=None,
                         help="... and process shard i (default 0, or this instance's index among the job's hosts)")
-    parser.add_argument("--auto-shard", type=config.str2bool, default=True, metavar="{true,false}",
+    parser.add_argument("--auto-shard", type=cli.str2bool, default=True, metavar="{true,false}",
                         help="in a SageMaker Processing job (/opt/ml/config/resourceconfig.json, or "
-                             f"${processing.CONFIG_DIR_ENV}/), take shard i of K from the job's hosts and treat a "
+                             f"${sagemaker.CONFIG_DIR_ENV}/), take shard i of K from the job's hosts and treat a "
                              "ShardedByS3Key --input as already sharded; explicit --num-shards/--shard-index win")
     parser.add_argument("--csv-dir", default=None,
                         help="folder or s3:// prefix holding the CSVs (default: --input); their filepath column "
@@ -1022,10 +1005,10 @@ def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | 
     """(shard_index, num_shards, presharded) for this run. Explicit flags win; else, in a SageMaker
     Processing job, this host's index among the job's hosts. ``presharded``: --input is (in) a
     ShardedByS3Key input, so SageMaker already gave this instance its share and nothing is sliced again."""
-    job = processing.load_job() if use_processing_config else None
+    job = sagemaker.load_job() if use_processing_config else None
     if job is not None and shard_index is None and num_shards is None:
         shard_index, num_shards = job.shard_index, job.num_shards
-        log(f"SageMaker Processing job ({job.config_dir / processing.RESOURCE_CONFIG}): host {job.current_host} "
+        log(f"SageMaker Processing job ({job.config_dir / sagemaker.RESOURCE_CONFIG}): host {job.current_host} "
             f"of {list(job.hosts)} -> shard {shard_index} of {num_shards} (--num-shards/--shard-index override)")
     sharded_input = (job.sharded_input_for(input_uri)
                      if job is not None and not sources.is_s3_uri(input_uri) else None)
@@ -1034,14 +1017,6 @@ def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | 
             "processing every image SageMaker put here, without slicing again; CSV ids whose image went to "
             "another instance are counted as in_other_shards")
     return shard_index or 0, num_shards or 1, sharded_input is not None
-
-
-def report_failure(message: str) -> None:
-    """Leave the reason a run failed where SageMaker shows it: a training job's failure file, or a
-    Processing job's exit message (nothing outside SageMaker; stderr has it either way)."""
-    config.write_sagemaker_failure(message)
-    with contextlib.suppress(OSError):  # a read-only /opt/ml must not hide the real error
-        processing.write_exit_message(message)
 
 
 def main(argv=None) -> int:
@@ -1069,19 +1044,19 @@ def main(argv=None) -> int:
                       args.workers, args.download_threads, limit=args.limit, shard_index=shard_index,
                       num_shards=num_shards, quiet=args.quiet, csv_source=csv_source, presharded=presharded)
         if args.strict:
-            problem = strict_problem(summary, output.describe(_file_names(num_shards, shard_index)["summary_txt"]))
+            problem = strict_problem(summary, output.describe(reporting.file_names(num_shards, shard_index)["summary_txt"]))
             if problem:
                 print(f"ERROR: {problem}", file=sys.stderr)
-                report_failure(f"preprocess: {problem}")
+                sagemaker.report_failure(f"preprocess: {problem}")
                 return STRICT_EXIT_CODE
-    except (PreprocessError, sources.SourceError, labels.LabelsError, processing.ProcessingConfigError) as exc:
+    except (PreprocessError, sources.SourceError, labels.LabelsError, sagemaker.ProcessingConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        report_failure(f"preprocess: {exc}")
+        sagemaker.report_failure(f"preprocess: {exc}")
         return 2
     except OSError as exc:  # D1: disk full (or another OS failure) while writing the outputs
         message = os_error_message(exc)
         print(f"ERROR: {message}", file=sys.stderr)
-        report_failure(f"preprocess: {message}")
+        sagemaker.report_failure(f"preprocess: {message}")
         return 2
     finally:
         if output is not None:

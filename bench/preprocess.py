@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
 from dss import fileio, images, sample, sources  # noqa: E402
-from dss.config import positive_int  # noqa: E402
+from dss.cli import positive_int  # noqa: E402
 
 BUCKET = "bench-preprocess"
 PREFIX = "data"

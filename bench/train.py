@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from dss import engine, fileio  # noqa: E402
-from dss.config import str2bool  # noqa: E402
+from dss.cli import str2bool  # noqa: E402
 from dss.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform  # noqa: E402
 from dss.model import build_model  # noqa: E402
 

@@ -134,7 +134,7 @@ class CheckpointManager:
     def save(self, state: dict, epoch: int, step: int, fingerprint: dict) -> Path:
         """Write ``state`` (tensors and plain data only) atomically, then its manifest; prune old ones."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fileio.sweep_stale_temps(self.folder)
+        fileio.sweep_stale(self.folder)
         payload = dict(state, fingerprint=fingerprint, epoch=epoch, step=step)
         buffer = io.BytesIO()
         torch.save(payload, buffer)

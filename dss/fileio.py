@@ -11,10 +11,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import IO, Collection, Iterator
 
 _TEMP_PATTERN = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp$")
+_STAGING_PATTERN = re.compile(r"^\.staging-(?P<pid>\d+)$")
 
 
 def temp_path(final: Path) -> Path:
@@ -91,35 +93,50 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists in this pid namespace (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # exists, owned by another user
         return True
     return True
 
 
-def sweep_stale_temps(folder: str | os.PathLike, finals: Collection[str] | None = None) -> list[Path]:
-    """Remove temp files left in ``folder`` by killed runs (their pid is gone). Returns what was removed.
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """This process's staging folder inside ``folder`` (same filesystem, so ``os.replace`` is atomic)."""
+    return Path(folder) / f".staging-{os.getpid()}"
 
-    ``finals``: only temps of these final file names. Runs that share a folder across machines or
-    containers (shards on a network filesystem) see pids of other pid namespaces as dead, so each
-    run sweeps only the names it is about to write itself.
+
+def sweep_stale(folder: str | os.PathLike, finals: Collection[str] | None = None) -> list[Path]:
+    """Remove what killed runs left in ``folder``: temp files (``.<final>.<pid>.tmp``) and staging
+    folders (``.staging-<pid>``) whose pid is gone. Returns what was removed.
+
+    ``finals``: only temps of these final file names, and no staging folders. Runs that share a
+    folder across machines or containers (shards on a network filesystem) see pids of other pid
+    namespaces as dead, so each such run sweeps only the names it is about to write itself.
     """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for entry in folder.iterdir():
-        match = _TEMP_PATTERN.match(entry.name)
-        if not match or not entry.is_file() or (finals is not None and match.group("final") not in finals):
+    for entry in sorted(folder.iterdir()):
+        temp = _TEMP_PATTERN.match(entry.name)
+        staging = _STAGING_PATTERN.match(entry.name) if finals is None else None
+        if temp and entry.is_file() and (finals is None or temp.group("final") in finals):
+            pid = int(temp.group("pid"))
+        elif staging and entry.is_dir() and not entry.is_symlink():
+            pid = int(staging.group("pid"))
+        else:
             continue
-        pid = int(match.group("pid"))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
-        with contextlib.suppress(OSError):
-            entry.unlink()
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        if not entry.exists():
             removed.append(entry)
     return removed

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -28,9 +26,6 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "
                 "epoch_seconds", "train_images_per_s")
 # Order of the fields on the stdout [METRICS] line (fixed: users' regexes depend on it).
 METRICS_LINE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_logloss")
-SUMMARY_GLOB = "preprocessing_summary*.json"
-# Staging folder of a run inside each destination folder (same filesystem, so os.replace is atomic).
-_STAGING_PATTERN = re.compile(r"^\.staging-(?P<pid>\d+)$")
 
 
 def metrics_line(record: dict) -> str:
@@ -88,29 +83,6 @@ def normalise_rows(probs: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- test rows
-def read_skipped_test_ids(data_dir: str | Path) -> list[dict]:
-    """Test images preprocess skipped, from ``preprocessing_summary*.json`` in ``data_dir``.
-
-    Returns the entries of ``splits.test.skipped`` (``{key, id, reason, message[, csv_row]}``),
-    one per id, across all shards' summaries; empty when no summary lists a test split.
-    """
-    skipped, seen = [], set()
-    for path in sorted(Path(data_dir).glob(SUMMARY_GLOB)):
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-            entries = summary["splits"].get("test", {}).get("skipped", [])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path}: unreadable preprocessing summary ({type(exc).__name__}: {exc}); "
-                             "re-run preprocess.py") from exc
-        for entry in entries:
-            # One id can be skipped more than once (e.g. its first file undecodable, the others
-            # duplicate_id); it still gets a single row.
-            if entry["id"] not in seen:
-                seen.add(entry["id"])
-                skipped.append(dict(entry))
-    return skipped
-
-
 def submission_row_order(ids: Sequence[str], csv_rows: Sequence[int] | None, skipped: list[dict]) -> list[str]:
     """All test ids (written + skipped) in ``test_features.csv`` order when the row numbers are
     known for every one of them, else sorted."""
@@ -142,39 +114,6 @@ def assemble_test_predictions(ids: Sequence[str], probs: np.ndarray, order: Sequ
 
 
 # --------------------------------------------------------------------------- publishing a run's files
-def _staging_folder(folder: Path) -> Path:
-    return folder / f".staging-{os.getpid()}"
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def sweep_stale_staging(folder: str | os.PathLike) -> list[Path]:
-    """Remove ``.staging-<pid>`` folders left in ``folder`` by runs that died (their pid is gone).
-    Returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        match = _STAGING_PATTERN.match(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink():
-            continue
-        pid = int(match.group("pid"))
-        if pid != os.getpid() and _process_exists(pid):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-    return removed
-
-
 class StagedFiles:
     """A set of output files that replace their final names together, or not at all.
 
@@ -201,7 +140,7 @@ class StagedFiles:
         final = Path(final)
         if any(final == known for _, known in self._staged) or final in self._remove:
             raise ValueError(f"{final} is staged twice")
-        staging = _staging_folder(final.parent)
+        staging = fileio.staging_folder(final.parent)
         staging.mkdir(parents=True, exist_ok=True)
         if staging not in self._folders:
             self._folders.append(staging)

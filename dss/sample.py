@@ -584,7 +584,7 @@ def _positive_float(value: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dss.config import non_negative_int, positive_int
+    from dss.cli import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder to write (new, empty, or an earlier demo dataset)")

@@ -593,7 +593,7 @@ class LocalOutput(Output):
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SourceError(f"cannot create output folder {self.folder}: {exc}") from exc
-        fileio.sweep_stale_temps(self.folder, names)
+        fileio.sweep_stale(self.folder, names)
         probe = self.folder / ".preprocess-write-check"
         try:
             fileio.write_bytes(probe, b"ok")

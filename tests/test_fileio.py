@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dss import config, fileio
+from dss import cli, fileio, sagemaker
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -74,7 +74,7 @@ def test_d2_kill_9_never_leaves_partial_file_and_temps_are_swept(tmp_path):
             content = target.read_bytes()
             assert len(content) == size, "a partial file appeared under the final name"
             assert len(set(content)) == 1
-    removed = fileio.sweep_stale_temps(tmp_path)
+    removed = fileio.sweep_stale(tmp_path)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "train_data.pkl"]
     assert leftovers == [], f"stale temps not swept: {leftovers} (removed {removed})"
 
@@ -85,7 +85,7 @@ def test_sweep_keeps_temps_of_live_processes(tmp_path):
     dead_pid = 2 ** 22 + 12345
     dead = tmp_path / f".metrics.json.{dead_pid}.tmp"
     dead.write_text("stale")
-    fileio.sweep_stale_temps(tmp_path)
+    fileio.sweep_stale(tmp_path)
     assert live.exists() and not dead.exists()
 
 
@@ -94,27 +94,27 @@ def test_sweep_keeps_temps_of_live_processes(tmp_path):
     ("false", False), ("False", False), ("0", False), ("no", False),
 ])
 def test_str2bool_accepts_sagemaker_spellings(text, expected):
-    assert config.str2bool(text) is expected
+    assert cli.str2bool(text) is expected
 
 
 def test_str2bool_rejects_other_values():
     with pytest.raises(argparse.ArgumentTypeError):
-        config.str2bool("maybe")
+        cli.str2bool("maybe")
 
 
 def test_sagemaker_paths_come_from_environment(tmp_path):
     env = {"SM_TRAINING_ENV": "{}", "SM_CHANNEL_TRAINING": "/x/train", "SM_MODEL_DIR": "/x/model",
            "SM_OUTPUT_DATA_DIR": "/x/out", "SM_OUTPUT_DIR": str(tmp_path)}
-    assert config.under_sagemaker(env)
-    assert config.sagemaker_data_dir(env) == "/x/train"
-    assert config.sagemaker_data_dir({"SM_CHANNEL_TRAIN": "/y"}) == "/y"
-    assert config.sagemaker_model_dir(env) == "/x/model"
-    assert config.sagemaker_output_data_dir(env) == "/x/out"
-    assert config.sagemaker_checkpoint_dir(env) == "/opt/ml/checkpoints"
-    assert config.sagemaker_checkpoint_dir({}) is None
-    path = config.write_sagemaker_failure("bad data", env)
+    assert sagemaker.under_sagemaker(env)
+    assert sagemaker.training_channel(env) == "/x/train"
+    assert sagemaker.training_channel({"SM_CHANNEL_TRAIN": "/y"}) == "/y"
+    assert sagemaker.model_dir(env) == "/x/model"
+    assert sagemaker.output_data_dir(env) == "/x/out"
+    assert sagemaker.checkpoint_dir(env) == "/opt/ml/checkpoints"
+    assert sagemaker.checkpoint_dir({}) is None
+    path = sagemaker.write_failure("bad data", env)
     assert path == tmp_path / "failure" and path.read_text() == "bad data\n"
-    assert config.write_sagemaker_failure("x", {}) is None
+    assert sagemaker.write_failure("x", {}) is None
 
 
 def test_sweep_limited_to_named_files_keeps_other_runs_temps(tmp_path):
@@ -125,5 +125,5 @@ def test_sweep_limited_to_named_files_keeps_other_runs_temps(tmp_path):
     other_shard = tmp_path / f".train_data-00001-of-00002.pkl.{dead_pid}.tmp"
     for path in (mine, other_shard):
         path.write_text("stale or another machine's")
-    removed = fileio.sweep_stale_temps(tmp_path, finals={"train_data-00000-of-00002.pkl", "test_data.pkl"})
+    removed = fileio.sweep_stale(tmp_path, finals={"train_data-00000-of-00002.pkl", "test_data.pkl"})
     assert removed == [mine] and other_shard.exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dss import dataset, processing
+from dss import dataset, sagemaker
 from tests.conftest import clean_env, run_script
 
 K = 3
@@ -28,7 +28,7 @@ def write_config(folder: Path, current_host: str, num_hosts: int, inputs: list[t
     """A Processing job's /opt/ml/config: ``inputs`` = [(name, local path, distribution or None)]."""
     folder.mkdir(parents=True)
     hosts = [f"algo-{number}" for number in range(1, num_hosts + 1)]
-    (folder / processing.RESOURCE_CONFIG).write_text(json.dumps(
+    (folder / sagemaker.RESOURCE_CONFIG).write_text(json.dumps(
         {"current_host": current_host, "hosts": hosts, "network_interface_name": "eth0"}))
     entries = []
     for name, local_path, distribution in inputs:
@@ -37,7 +37,7 @@ def write_config(folder: Path, current_host: str, num_hosts: int, inputs: list[t
         if distribution is not None:
             s3_input["S3DataDistributionType"] = distribution
         entries.append({"InputName": name, "AppManaged": False, "S3Input": s3_input})
-    (folder / processing.JOB_CONFIG).write_text(json.dumps({
+    (folder / sagemaker.JOB_CONFIG).write_text(json.dumps({
         "ProcessingJobName": "dss-preprocess-test",
         "ProcessingInputs": entries,
         "ProcessingOutputConfig": {"Outputs": [{"OutputName": "pickles", "S3Output": {
@@ -49,7 +49,7 @@ def write_config(folder: Path, current_host: str, num_hosts: int, inputs: list[t
 
 
 def env_for(config_dir: Path, **extra) -> dict:
-    return clean_env(**{processing.CONFIG_DIR_ENV: str(config_dir)}, **extra)
+    return clean_env(**{sagemaker.CONFIG_DIR_ENV: str(config_dir)}, **extra)
 
 
 def sorted_by_id(data: dict) -> dict:
@@ -71,21 +71,20 @@ def assert_same_rows(got: dict, want: dict) -> None:
 
 # ---------------------------------------------------------------------------- reading the config
 def test_no_config_means_no_job(tmp_path):
-    assert processing.load_job({processing.CONFIG_DIR_ENV: str(tmp_path)}) is None
+    assert sagemaker.load_job({sagemaker.CONFIG_DIR_ENV: str(tmp_path)}) is None
 
 
 def test_host_index_and_input_distribution(tmp_path):
     images, csvs, other = tmp_path / "processing" / "images", tmp_path / "processing" / "csv", tmp_path / "other"
     folder = write_config(tmp_path / "config", "algo-2", 3, [("images", images, "ShardedByS3Key"),
                                                             ("csv", csvs, "FullyReplicated"), ("extra", other, None)])
-    job = processing.load_job({processing.CONFIG_DIR_ENV: str(folder)})
+    job = sagemaker.load_job({sagemaker.CONFIG_DIR_ENV: str(folder)})
     assert (job.current_host, job.shard_index, job.num_shards) == ("algo-2", 1, 3)
     assert job.sharded_input_for(images).name == "images"
     assert job.sharded_input_for(images / "train_features").name == "images"   # under the LocalPath
     assert job.sharded_input_for(tmp_path / "processing").name == "images"      # a parent of it
     assert job.sharded_input_for(csvs) is None
     assert job.sharded_input_for(other) is None  # no distribution given: FullyReplicated (the API default)
-    assert job.replicated_paths() == [str(csvs), str(other)]
 
 
 @pytest.mark.parametrize("resource, job_config, expected", [
@@ -99,17 +98,17 @@ def test_host_index_and_input_distribution(tmp_path):
     ({"current_host": "algo-1", "hosts": ["algo-1"]}, None, "processingjobconfig.json does not"),
 ])
 def test_unusable_config_names_the_file_and_field(tmp_path, resource, job_config, expected):
-    (tmp_path / processing.RESOURCE_CONFIG).write_text(json.dumps(resource))
+    (tmp_path / sagemaker.RESOURCE_CONFIG).write_text(json.dumps(resource))
     if job_config is not None:
-        (tmp_path / processing.JOB_CONFIG).write_text(json.dumps(job_config))
-    with pytest.raises(processing.ProcessingConfigError, match=expected) as error:
-        processing.load_job({processing.CONFIG_DIR_ENV: str(tmp_path)})
+        (tmp_path / sagemaker.JOB_CONFIG).write_text(json.dumps(job_config))
+    with pytest.raises(sagemaker.ProcessingConfigError, match=expected) as error:
+        sagemaker.load_job({sagemaker.CONFIG_DIR_ENV: str(tmp_path)})
     assert str(tmp_path) in str(error.value)
 
 
 def test_unusable_config_stops_preprocess_with_exit_2(demo_data, tmp_path):
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / processing.RESOURCE_CONFIG).write_text("{not json")
+    (tmp_path / "config" / sagemaker.RESOURCE_CONFIG).write_text("{not json")
     result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", tmp_path / "out", "--workers", "1"],
                         env=env_for(tmp_path / "config"))
     assert result.returncode == 2
@@ -250,7 +249,7 @@ def test_s3_input_auto_shards_into_one_s3_output(demo_data, demo_pickles, s3_ser
                                   [("code", tmp_path / "code", "FullyReplicated")])
         result = run_script("preprocess.py", ["--input", f"s3://{bucket}/data/", "--output-dir",
                                               f"s3://{bucket}/pickles/", "--image-size", SIZE, "--workers", "1"],
-                            env=dict(s3_server["env"], **{processing.CONFIG_DIR_ENV: str(config_dir)}))
+                            env=dict(s3_server["env"], **{sagemaker.CONFIG_DIR_ENV: str(config_dir)}))
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"-> shard {index} of {K}" in result.stdout and "ShardedByS3Key" not in result.stdout
     local = tmp_path / "fetched"

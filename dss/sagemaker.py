@@ -1,6 +1,11 @@
-"""SageMaker Processing job configuration: which instance this is, and how each input was distributed.
+"""SageMaker conventions in one place: the SM_* environment of training jobs, the /opt/ml/config of
+Processing jobs, and the files where a failed job leaves its reason.
 
-A Processing job describes itself to its containers in two JSON files under ``/opt/ml/config/``
+Training jobs: paths default from the ``SM_*`` variables when they exist, so the same script runs
+on a laptop and as a training job; an explicit flag always wins. A failure's reason goes to
+``$SM_OUTPUT_DIR/failure``, which the job's FailureReason shows.
+
+Processing jobs describe themselves to their containers in two JSON files under ``/opt/ml/config/``
 (``DSS_PROCESSING_CONFIG_DIR`` overrides the folder, for tests and local dry runs):
 
 - ``resourceconfig.json``: ``{"current_host": "algo-2", "hosts": ["algo-1", "algo-2", "algo-3"]}``
@@ -10,11 +15,13 @@ A Processing job describes itself to its containers in two JSON files under ``/o
 
 An input with ``ShardedByS3Key`` gives each instance only some of the objects under its prefix; a
 ``FullyReplicated`` one (the default) gives every instance all of them. preprocess.py uses this to
-pick its shard (host i of K) and to know when an input folder is already a shard, not to be sliced again.
+pick its shard (host i of K) and to know when an input folder is already a shard, not to be sliced
+again. A failed Processing run leaves its reason in ``/opt/ml/output/message`` (the job's ExitMessage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -73,9 +80,6 @@ class ProcessingJob:
                     return processing_input
         return None
 
-    def replicated_paths(self) -> list[str]:
-        """LocalPaths of the FullyReplicated inputs (where complete CSVs can come from)."""
-        return [item.local_path for item in self.inputs if not item.sharded]
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -169,3 +173,59 @@ def load_job(environ=None) -> ProcessingJob | None:
     inputs = tuple(parsed for index, entry in enumerate(entries)
                    if (parsed := _parse_input(entry, index, job_path)) is not None)
     return ProcessingJob(current_host, tuple(hosts), inputs, folder)
+
+
+def under_sagemaker(environ: os._Environ | dict | None = None) -> bool:
+    """True when SageMaker's training toolkit started us (it sets SM_* variables)."""
+    env = os.environ if environ is None else environ
+    return "SM_TRAINING_ENV" in env or "SM_MODEL_DIR" in env
+
+
+def training_channel(environ=None) -> str | None:
+    """The training channel: SM_CHANNEL_TRAINING, else SM_CHANNEL_TRAIN."""
+    env = os.environ if environ is None else environ
+    return env.get("SM_CHANNEL_TRAINING") or env.get("SM_CHANNEL_TRAIN")
+
+
+def model_dir(environ=None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get("SM_MODEL_DIR")
+
+
+def output_data_dir(environ=None) -> str | None:
+    env = os.environ if environ is None else environ
+    return env.get("SM_OUTPUT_DATA_DIR")
+
+
+def checkpoint_dir(environ=None) -> str | None:
+    """/opt/ml/checkpoints is where SageMaker syncs spot checkpoints; only used under SageMaker."""
+    env = os.environ if environ is None else environ
+    if not under_sagemaker(env):
+        return None
+    return env.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
+
+
+def write_failure(reason: str, environ=None) -> Path | None:
+    """Write the failure reason where SageMaker shows it (``$SM_OUTPUT_DIR/failure``).
+
+    Does nothing outside SageMaker. Returns the path written, if any.
+    """
+    env = os.environ if environ is None else environ
+    if not under_sagemaker(env):
+        return None
+    output_dir = Path(env.get("SM_OUTPUT_DIR", "/opt/ml/output"))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / "failure"
+        path.write_text(reason.rstrip() + "\n", encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def report_failure(message: str) -> None:
+    """Leave the reason a run failed where SageMaker shows it: a training job's failure file, or a
+    Processing job's exit message (nothing outside SageMaker; stderr has it either way)."""
+    write_failure(message)
+    with contextlib.suppress(OSError):  # a read-only /opt/ml must not hide the real error
+        write_exit_message(message)

@@ -1,0 +1,103 @@
+"""Command-line conventions shared by both scripts: value parsing, help text and log lines.
+
+SageMaker passes every hyperparameter as a ``--key value`` string, so booleans arrive as
+``True``/``False``/``true``/``1``...; ``str2bool`` accepts all of them. Log lines go through the
+``dss`` logger as plain text on stdout (SageMaker's log stream and ``metric_definitions`` read
+stdout); under DDP only rank 0 prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse a boolean flag value: true/false/True/False/1/0/yes/no."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value!r}")
+    return number
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows "(default: X)", except where the help text already
+    explains a computed default (the flag's default is None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+LOGGER_NAME = "dss"
+log = logging.getLogger(LOGGER_NAME)
+
+
+class _RankFilter(logging.Filter):
+    """Passes records only in the process that prints (rank 0 of a DDP job; not with --quiet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.enabled
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stdout`` (pytest and notebooks replace it after import) and
+    flushes every line, so a killed job's log is complete up to its last step."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stdout)
+        super().emit(record)
+
+
+_filter = _RankFilter()
+
+
+def setup_logging(enabled: bool = True) -> logging.Logger:
+    """Route ``dss`` log lines to stdout as plain messages; ``enabled=False`` silences them (DDP
+    ranks other than 0, ``--quiet``). Idempotent: the scripts call it once per run."""
+    if not any(isinstance(handler, _StdoutHandler) for handler in log.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_filter)
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    _filter.enabled = bool(enabled)
+    return log
