@@ -12,6 +12,7 @@ random position over noise; sites are spread so a site-grouped split works.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dss import dataset  # noqa: E402
+from dss import dataset, fileio  # noqa: E402
 from dss.sample import CLASS_NAMES  # noqa: E402
 
 
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for split, count, labelled, offset in (("train", args.train, True, 0), ("test", args.test, False, 10_000)):
         data = synthetic_split(count, args.image_size, args.sites, offset, rng, split, labelled)
-        path = dataset.save_split(args.output_dir / dataset.split_filename(split), data)
+        path = args.output_dir / dataset.split_filename(split)
+        # The byte layout preprocess writes (dss.splitfile's output equals this pickle).
+        fileio.write_bytes(path, pickle.dumps(dataset.validate(data, str(path)), protocol=dataset.PICKLE_PROTOCOL))
         print(f"wrote {path} ({data['images'].nbytes / 2**20:.0f} MiB of images)")
     return 0
 

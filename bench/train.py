@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import platform
 import subprocess
 import sys
@@ -115,70 +114,49 @@ def synthetic_images(count: int, size: int, seed: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(images), rng.integers(0, 8, count).astype(np.int64)
 
 
-class TrainSetup:
-    """Model, optimizer, scheduler and scaler built the same way for rows (a) and (b)."""
-
-    def __init__(self, device, amp_dtype, use_scaler, channels_last, compile_model, total_steps, seed):
-        torch.manual_seed(seed)
-        model = build_model(8, "none").to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if compile_model else model
-        self.optimizer = engine.build_optimizer(model, "adamw", 1e-3, 0.05)
-        self.scheduler = engine.build_scheduler(self.optimizer, total_steps, total_steps // 10)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+def train_loop(args, device, amp_dtype, use_scaler, total_steps: int) -> engine.TrainLoop:
+    """Model, optimizer, scheduler, scaler, loss and augmentation built the same way for rows (a) and (b)."""
+    torch.manual_seed(args.seed)
+    model = build_model(8, "none").to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(model, "adamw", 1e-3, 0.05)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+    return engine.TrainLoop(
+        torch.compile(model) if args.compile else model, optimizer,
+        engine.build_scheduler(optimizer, total_steps, total_steps // 10),
+        torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None,
+        nn.CrossEntropyLoss(label_smoothing=0.1), GpuAugment(args.image_size), generator, args.batch_size, amp_dtype,
+        progress=False)
 
 
 def measure_ours(images, labels, args, device, amp_dtype, use_scaler) -> float:
     """Row (a): images/s of engine.train_one_epoch over the device-resident images."""
     stored = DeviceImages(images, device)
     device_labels = torch.from_numpy(labels).to(device)
-    setup = TrainSetup(device, amp_dtype, use_scaler, args.channels_last, args.compile, 1000, args.seed)
-    augment = GpuAugment(args.image_size)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed)
+    loop = train_loop(args, device, amp_dtype, use_scaler, 1000)
     warm = DeviceImages(images[:args.batch_size * 2], device)
-    engine.train_one_epoch(setup.model, setup.optimizer, setup.scheduler, setup.scaler, warm,
-                           device_labels[:args.batch_size * 2], args.batch_size, augment, setup.loss_fn, generator,
-                           amp_dtype, 0, 0, progress=False)
-    result = engine.train_one_epoch(setup.model, setup.optimizer, setup.scheduler, setup.scaler, stored,
-                                    device_labels, args.batch_size, augment, setup.loss_fn, generator, amp_dtype, 1,
-                                    2, progress=False)
+    engine.train_one_epoch(loop, warm, device_labels[:args.batch_size * 2], 0, 0)
+    result = engine.train_one_epoch(loop, stored, device_labels, 1, 2)
     return result["train_images_per_s"]
 
 
 def measure_model_only(images, labels, args, device, amp_dtype, use_scaler, steps: int) -> float:
-    """Row (b): the same training steps on one normalised batch already on the device."""
-    setup = TrainSetup(device, amp_dtype, use_scaler, args.channels_last, args.compile, 1000, args.seed)
+    """Row (b): the same training steps (engine.train_step) on one normalised batch already on the device."""
+    loop = train_loop(args, device, amp_dtype, use_scaler, 1000)
     batch = torch.from_numpy(images[:args.batch_size]).to(device).permute(0, 3, 1, 2)
     inputs = eval_transform(batch, args.image_size)
     if not args.channels_last:
         inputs = inputs.contiguous()
     targets = torch.from_numpy(labels[:args.batch_size]).to(device)
-
-    def step():
-        with engine._autocast(device, amp_dtype):
-            logits = setup.model(inputs)
-        loss = setup.loss_fn(logits.float(), targets)
-        setup.optimizer.zero_grad(set_to_none=True)
-        if setup.scaler is not None:
-            setup.scaler.scale(loss).backward()
-            setup.scaler.step(setup.optimizer)
-            setup.scaler.update()
-        else:
-            loss.backward()
-            setup.optimizer.step()
-        setup.scheduler.step()
-        return loss.detach()
-
     for _ in range(2):
-        step()
+        engine.train_step(loop, inputs, targets)
     synchronize(device)
     started = time.perf_counter()
     total = torch.zeros((), device=device)
     for _ in range(steps):
-        total += step()
+        total += engine.train_step(loop, inputs, targets)[1].detach()
     total.item()
     return steps * args.batch_size / (time.perf_counter() - started)
 
@@ -236,10 +214,10 @@ def measure_predict(images, args, device, amp_dtype) -> tuple[float, float]:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stored = DeviceImages(images, device)
-    engine.predict_probs(model, DeviceImages(images[:args.predict_batch_size], device), args.predict_batch_size,
-                         args.image_size, amp_dtype)
+    how = engine.Inference(args.predict_batch_size, args.image_size, amp_dtype)
+    engine.predict_probs(model, DeviceImages(images[:args.predict_batch_size], device), how)
     started = time.perf_counter()
-    engine.predict_probs(model, stored, args.predict_batch_size, args.image_size, amp_dtype)
+    engine.predict_probs(model, stored, how)
     batched = len(stored) / (time.perf_counter() - started)
 
     single = min(args.single_predictions, len(stored))
@@ -344,14 +322,15 @@ def recipe_rows(args, device) -> list[tuple[str, str]]:
         stored = DeviceImages(images, device)
         device_labels = torch.from_numpy(fit_labels).to(device)
         best_choice, chosen, step = None, None, 0
+        loop = engine.TrainLoop(model, optimizer, scheduler, None, loss_fn, augment, generator, batch_size, amp_dtype,
+                                progress=False)
+        how = engine.Inference(256, args.image_size, amp_dtype)
         for epoch in range(1, args.epochs + 1):
-            result = engine.train_one_epoch(model, optimizer, scheduler, None, stored, device_labels, batch_size,
-                                            augment, loss_fn, generator, amp_dtype, epoch, step, progress=False)
+            result = engine.train_one_epoch(loop, stored, device_labels, epoch, step)
             step += result["steps"]
-            scores = {**engine.evaluate(model, val, val_labels, nn.CrossEntropyLoss(), 256, args.image_size,
-                                        amp_dtype), "epoch": epoch}
+            scores = {**engine.evaluate(model, val, val_labels, nn.CrossEntropyLoss(), how), "epoch": epoch}
             # ours chooses by site-grouped val log loss (as dss_train.py); the prototype by its random split's accuracy
-            key = (-engine.evaluate(model, choice[0], choice[1], loss_fn, 256, args.image_size, amp_dtype)["val_acc"]
+            key = (-engine.evaluate(model, choice[0], choice[1], loss_fn, how)["val_acc"]
                    if choice is not None else scores["val_logloss"])
             if best_choice is None or key < best_choice:
                 best_choice, chosen = key, scores

@@ -1,5 +1,10 @@
 """Training checkpoints for resume (managed spot training, crashes, SIGTERM).
 
+``TrainingState`` is what a run has learnt and where it stands (model, optimizer, scheduler,
+scaler, random streams, history, best epoch, counters), with ``state_dict()`` and
+``load_state_dict()``; ``RunCheckpoints`` resumes a run from the newest checkpoint and saves new
+ones (rank 0 only under DDP).
+
 One checkpoint per save, in ``--checkpoint-dir`` (``/opt/ml/checkpoints`` under SageMaker):
 
     ckpt-e00003-s000000120.pt     torch.save of a dict of tensors and plain data
@@ -28,7 +33,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dss import fileio
+from dss import distributed, fileio
+from dss.cli import log
 
 _NAME_RE = re.compile(r"^ckpt-e(?P<epoch>\d{5})-s(?P<step>\d{9})\.pt$")
 
@@ -205,3 +211,143 @@ class CheckpointManager:
                 )
             return state, path
         return None
+
+
+# --------------------------------------------------------------------------- a run's state
+class TrainingState:
+    """Where a training run stands and what it has learnt: what a checkpoint holds, with
+    ``state_dict()`` / ``load_state_dict()`` as torch modules have them.
+
+    ``model`` is the plain module (not a torch.compile or DDP wrapper, which share its
+    parameters), so its state dict names stay plain. Counters: ``epoch`` epochs finished,
+    ``step_in_epoch`` batches of the next epoch already trained (non-zero only after a stop
+    mid-epoch), ``step`` optimizer steps of the whole run. ``best``: the best epoch's scores,
+    per-class report and confusion matrix; ``best_model`` its weights (a CPU copy) and
+    ``best_val_probs`` its validation probabilities, float64 (N_val, C).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                 generator: torch.Generator):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.generator = generator
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.best_model: dict | None = None
+        self.best_val_probs: np.ndarray | None = None
+        self.epoch = self.step_in_epoch = self.step = 0
+        self.early_stopped = False
+        # Running sums of an epoch stopped by SIGTERM and resumed (it is trained in two parts).
+        self.partial_epoch: dict | None = None
+        # The random streams as they were when the running epoch began: a checkpoint saved mid-epoch
+        # must let the resumed run redraw this epoch's batch order and augmentation.
+        self._epoch_start_rng: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Tensors and plain data only (``torch.load(weights_only=True)`` reads it back)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": self._epoch_start_rng if self._epoch_start_rng is not None else capture_rng_state(self.generator),
+            "history": self.history, "best": self.best, "best_model": self.best_model,
+            "best_val_probs": torch.from_numpy(self.best_val_probs) if self.best_val_probs is not None else None,
+            "step_in_epoch": self.step_in_epoch, "early_stopped": self.early_stopped,
+            "partial_epoch": self.partial_epoch, "epoch": self.epoch, "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"], self.generator)
+        self.history = list(state["history"])
+        self.best, self.best_model = state["best"], state["best_model"]
+        self.best_val_probs = state["best_val_probs"].numpy() if state["best_val_probs"] is not None else None
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.step, self.early_stopped = int(state["step"]), bool(state["early_stopped"])
+        self.partial_epoch = state["partial_epoch"]
+
+    @property
+    def position(self) -> str:
+        """Where a resumed run goes on, for the log."""
+        return f"epoch {self.epoch + 1} step {self.step_in_epoch}" if self.step_in_epoch else f"end of epoch {self.epoch}"
+
+    @property
+    def epochs_without_improvement(self) -> int:
+        return self.history[-1]["epoch"] - self.best["epoch"] if self.history and self.best else 0
+
+    def begin_epoch(self) -> None:
+        # After a mid-epoch resume the generator is back at this epoch's start, as saved.
+        self._epoch_start_rng = capture_rng_state(self.generator)
+
+    def add_epoch_part(self, stats: dict) -> None:
+        """Count a pass of ``engine.train_one_epoch`` (the whole epoch, or the part before a stop)."""
+        steps, images = int(stats["steps"]), int(stats["images"])
+        self.step += steps
+        self.step_in_epoch += steps
+        partial = self.partial_epoch or {"loss_sum": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
+        self.partial_epoch = {"loss_sum": partial["loss_sum"] + float(stats["train_loss"]) * images,
+                              "correct": partial["correct"] + int(round(float(stats["train_acc"]) * images)),
+                              "images": partial["images"] + images,
+                              "seconds": partial["seconds"] + float(stats["seconds"])}
+
+    def finish_epoch(self) -> dict:
+        """The epoch's train_loss, train_acc and train_images_per_s over all its parts (as in an
+        uninterrupted run); the epoch then counts as finished."""
+        parts = self.partial_epoch
+        images = max(parts["images"], 1)
+        stats = {"train_loss": parts["loss_sum"] / images, "train_acc": parts["correct"] / images,
+                 "train_images_per_s": parts["images"] / parts["seconds"] if parts["seconds"] > 0 else 0.0}
+        self.epoch += 1
+        self.step_in_epoch, self.partial_epoch, self._epoch_start_rng = 0, None, None
+        return stats
+
+    def record_epoch(self, record: dict, val_probs: np.ndarray, confusion: np.ndarray) -> bool:
+        """Append the epoch's ``record`` to the history; keep it as the best when its val_logloss is
+        lower than every earlier epoch's. Returns whether it is the new best."""
+        self.history.append(record)
+        improved = self.best is None or record["val_logloss"] < self.best["val_logloss"]
+        if improved:
+            self.best = {key: record[key] for key in ("epoch", "val_loss", "val_logloss", "val_acc", "per_class")}
+            self.best["confusion_matrix"] = np.asarray(confusion).tolist()
+            self.best_model = {name: tensor.detach().to("cpu", copy=True)
+                               for name, tensor in self.model.state_dict().items()}
+            self.best_val_probs = np.asarray(val_probs, dtype=np.float64)
+        return improved
+
+
+class RunCheckpoints:
+    """One run's checkpoints in ``folder`` (None: this run keeps none): resume from the newest valid
+    one, save at the end of each epoch and when SIGTERM stops a run. Only rank 0 reads and writes
+    the files (other nodes may not see its disk): it sends what it read to every rank, and the
+    others wait at a barrier while it writes."""
+
+    def __init__(self, folder: Path | None, fingerprint: dict, context: distributed.Context):
+        self.folder, self.fingerprint, self.context = folder, fingerprint, context
+        self.manager = CheckpointManager(folder, keep=2, log=log.info) if folder is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.manager is not None
+
+    def resume(self, state: TrainingState) -> Path | None:
+        """Load the newest checkpoint into ``state``; returns its path, or None (a fresh start)."""
+        if self.manager is None:
+            return None
+        found = self.manager.load_latest(self.fingerprint, map_location="cpu") if self.context.is_main else None
+        found = distributed.broadcast_from_main(self.context, found)
+        if found is None:
+            log.info(f"no checkpoint in {self.folder}: starting fresh")
+            return None
+        saved, path = found
+        state.load_state_dict(saved)
+        log.info(f"resuming from {path} ({state.position}, {len(state.history)} epochs of history)")
+        return path
+
+    def save(self, state: TrainingState) -> None:
+        if self.manager is None:
+            return
+        if self.context.is_main:
+            path = self.manager.save(state.state_dict(), state.epoch, state.step, self.fingerprint)
+            log.info(f"checkpoint saved: {path}")
+        distributed.barrier(self.context)

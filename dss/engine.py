@@ -1,5 +1,9 @@
 """The training loop, evaluation and batched prediction, written out (no framework).
 
+``TrainLoop`` holds what every step needs (network, optimizer, schedule, scaler, loss,
+augmentation, generator, batch size); ``train_one_epoch`` runs one pass with it. ``Inference``
+says how to run the network over images in order; ``evaluate`` and ``predict_probs`` take it.
+
 Hot-loop rules: batches come from ``DeviceImages`` with a device-side permutation and are
 augmented on the device; loss, accuracy and the non-finite check accumulate on the device
 and are read back every ``sync_every`` steps (one host sync), not at every step.
@@ -11,6 +15,7 @@ import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -93,96 +98,148 @@ def class_weights_balanced(labels: np.ndarray, num_classes: int) -> torch.Tensor
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                    images: DeviceImages, labels: torch.Tensor, batch_size: int, augment: GpuAugment,
-                    loss_fn: Callable, generator: torch.Generator, amp_dtype: torch.dtype | None, epoch: int,
-                    start_step: int, stop_requested: Callable[[], bool] | None = None, progress: bool = True,
-                    sync_every: int = 16, skip_batches: int = 0, rank: int = 0, world_size: int = 1) -> dict:
+@dataclass
+class TrainLoop:
+    """What a training epoch needs besides the images and labels; fixed for a run.
+
+    ``model`` is what the step calls (possibly torch.compile'd and/or DDP-wrapped); ``scheduler``
+    is stepped after every optimizer step; ``scaler`` is a GradScaler for fp16 or None;
+    ``generator`` (on the device) draws the batch order and the augmentation. ``batch_size`` is
+    per process: under DDP (``world_size`` > 1) one step trains on ``batch_size * world_size``
+    images, each rank its own slice. Loss, accuracy and the non-finite check are read back to the
+    host every ``sync_every`` steps (one sync each).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    loss_fn: Callable
+    augment: GpuAugment
+    generator: torch.Generator
+    batch_size: int
+    amp_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    sync_every: int = 16
+    progress: bool = True
+
+
+class _EpochTotals:
+    """Running sums of an epoch kept on the device (float64 loss x images, int64 counts) and the
+    first global step whose loss was not finite (-1: none), so the loop never waits for the host."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        detached = loss.detach()
+        finite = torch.isfinite(detached)
+        self.first_bad_step = torch.where(~finite & (self.first_bad_step < 0),
+                                          torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.loss_sum += detached.double() * targets.numel()
+        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        self.seen += targets.numel()
+
+    def raise_if_non_finite(self, step: int, epoch: int, world_size: int) -> None:
+        bad = self.first_bad_step.clone()
+        if world_size > 1:
+            # Every rank must stop together; a rank without a bad loss of its own reports the current step.
+            flag = (bad >= 0).to(torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and bad.item() < 0:
+                bad.fill_(step - 1)
+        bad_step = int(bad.item())
+        if bad_step >= 0:
+            raise NonFiniteLossError(step=bad_step, epoch=epoch)
+
+    def summed(self, world_size: int) -> tuple[float, float, int]:
+        """(loss x images, correct, images) over every rank: the one routine host sync of the epoch."""
+        loss_sum, correct, seen = self.loss_sum, self.correct, self.seen
+        if world_size > 1:
+            totals = torch.stack([loss_sum, correct.double(), seen.double()])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], totals[2]
+        num_seen = int(seen.item())
+        return float(loss_sum.item()), float(correct.item()), num_seen
+
+
+def train_step(loop: TrainLoop, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on augmented float (B, 3, S, S) inputs; returns (logits (B, C), loss)."""
+    with _autocast(targets.device, loop.amp_dtype):
+        logits = loop.model(inputs)
+    loss = loop.loss_fn(logits.float(), targets)
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.scaler is not None and loop.scaler.is_enabled():
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loss.backward()
+        loop.optimizer.step()
+    if loop.scheduler is not None:
+        loop.scheduler.step()
+    return logits, loss
+
+
+def train_one_epoch(loop: TrainLoop, images: DeviceImages, labels: torch.Tensor, epoch: int, start_step: int,
+                    skip_batches: int = 0, stop_requested: Callable[[], bool] | None = None) -> dict:
     """One pass over the training images (drop_last batches of a fresh device-side permutation;
     ``images`` is a ``DeviceImages`` or a streamed ``ShardedImages``).
 
-    ``labels``: int64 (N,) on the device. ``scheduler`` is stepped after every optimizer step.
-    ``stop_requested`` is polled after every step (e.g. a SIGTERM flag); when it returns True the
-    epoch ends early with ``stopped_early=True``. Non-finite losses raise ``NonFiniteLossError``
-    before this returns (checked every ``sync_every`` steps and at the end; the failing step is
-    recorded on the device, so the number is exact).
-    ``skip_batches``: batches already trained in this epoch before an interruption; with the
-    generator state from the epoch's start, the remaining batches and augmentations are exactly
-    those of an uninterrupted run. With ``world_size > 1`` (DDP) every rank draws the same
-    permutation, takes its own slice of each global batch of ``batch_size * world_size``, and
-    the returned numbers are summed over ranks.
+    ``labels``: int64 (N,) on the device. ``start_step``: the global optimizer step (0-based, over
+    the whole run) of this call's first step. ``stop_requested`` is polled after every step (e.g. a
+    SIGTERM flag); when it returns True the epoch ends early with ``stopped_early=True``.
+    Non-finite losses raise ``NonFiniteLossError`` before this returns (checked every
+    ``loop.sync_every`` steps and at the end; the failing step is recorded on the device, so the
+    number is exact). ``skip_batches``: batches already trained in this epoch before an
+    interruption; with the generator state from the epoch's start, the remaining batches and
+    augmentations are exactly those of an uninterrupted run. Under DDP every rank draws the same
+    permutation and the returned numbers are summed over ranks.
     """
-    device = labels.device
-    model.train()
-    use_scaler = scaler is not None and scaler.is_enabled()
-    global_batch = batch_size * world_size
-    total_batches = num_train_batches(len(images), global_batch)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = torch.zeros((), dtype=torch.int64, device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    step = start_step
-    steps_done = 0
-    stopped_early = False
+    loop.model.train()
+    global_batch = loop.batch_size * loop.world_size
+    own = slice(loop.rank * loop.batch_size, (loop.rank + 1) * loop.batch_size) if loop.world_size > 1 else slice(None)
+    totals = _EpochTotals(labels.device)
+    step, steps_done, stopped_early = start_step, 0, False
     started = time.perf_counter()
-    bar = tqdm(total=total_batches, initial=skip_batches, desc=f"epoch {epoch}", leave=False, unit="batch",
-               disable=not progress or not sys.stderr.isatty() or rank != 0)
-    for batch_number, global_index in enumerate(images.train_batches(global_batch, generator)):
-        draws = augment.draw(global_index.numel(), generator)
+    bar = tqdm(total=num_train_batches(len(images), global_batch), initial=skip_batches, desc=f"epoch {epoch}",
+               leave=False, unit="batch", disable=not loop.progress or not sys.stderr.isatty() or loop.rank != 0)
+    for batch_number, global_index in enumerate(images.train_batches(global_batch, loop.generator)):
+        # Skipped batches draw their augmentation too, so the generator advances as in an uninterrupted epoch.
+        draws = loop.augment.draw(global_index.numel(), loop.generator)
         if batch_number < skip_batches:
             continue
-        own = slice(rank * batch_size, (rank + 1) * batch_size) if world_size > 1 else slice(None)
         index, draws = global_index[own], draws[own]
-        inputs = augment.apply(images.gather(index), draws)
         targets = labels[index]
-        with _autocast(device, amp_dtype):
-            logits = model(inputs)
-        loss = loss_fn(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if use_scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-
-        detached = loss.detach()
-        finite = torch.isfinite(detached)
-        first_bad_step = torch.where(~finite & (first_bad_step < 0), torch.full_like(first_bad_step, step),
-                                     first_bad_step)
-        loss_sum += detached.double() * targets.numel()
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
-        seen += targets.numel()
+        logits, loss = train_step(loop, loop.augment.apply(images.gather(index), draws), targets)
+        totals.add(loss, logits, targets, step)
         step += 1
         steps_done += 1
         bar.update(1)
-        if steps_done % sync_every == 0:
-            _raise_if_non_finite(first_bad_step, step, epoch, world_size)
+        if steps_done % loop.sync_every == 0:
+            totals.raise_if_non_finite(step, epoch, loop.world_size)
             if not bar.disable:
-                bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}")
+                bar.set_postfix(loss=f"{(totals.loss_sum / totals.seen).item():.4f}")
         if stop_requested is not None and stop_requested():
             stopped_early = True
             break
     bar.close()
-    _raise_if_non_finite(first_bad_step, step, epoch, world_size)
-    if world_size > 1:
-        totals = torch.stack([loss_sum, correct.double(), seen.double()])
-        torch.distributed.all_reduce(totals)
-        loss_sum, correct, seen = totals[0], totals[1], totals[2]
-    num_seen = int(seen.item())                 # the one routine host sync of the epoch
+    totals.raise_if_non_finite(step, epoch, loop.world_size)
+    loss_sum, correct, num_seen = totals.summed(loop.world_size)
     seconds = time.perf_counter() - started
     return {
-        "train_loss": float(loss_sum.item()) / max(num_seen, 1),
-        "train_acc": float(correct.item()) / max(num_seen, 1),
+        "train_loss": loss_sum / max(num_seen, 1),
+        "train_acc": correct / max(num_seen, 1),
         "images": num_seen,
         "seconds": seconds,
         "train_images_per_s": num_seen / seconds if seconds > 0 else 0.0,
         "steps": steps_done,
         "stopped_early": stopped_early,
-        "lr": float(optimizer.param_groups[0]["lr"]),
+        "lr": float(loop.optimizer.param_groups[0]["lr"]),
     }
 
 
@@ -193,41 +250,39 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def _raise_if_non_finite(first_bad_step: torch.Tensor, step: int, epoch: int, world_size: int) -> None:
-    bad = first_bad_step.clone()
-    if world_size > 1:
-        # Every rank must stop together; a rank without a bad loss of its own reports the current step.
-        flag = (bad >= 0).to(torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and bad.item() < 0:
-            bad.fill_(step - 1)
-    bad_step = int(bad.item())
-    if bad_step >= 0:
-        raise NonFiniteLossError(step=bad_step, epoch=epoch)
+@dataclass(frozen=True)
+class Inference:
+    """How to run a network over images in order: ``batch_size`` images per forward pass, resized
+    to ``image_size`` px (the network input), autocast to ``amp_dtype`` (None: float32), with
+    ``tta`` the mean over the image and its horizontal flip. ``world_size`` > 1 (DDP): each
+    ``rank`` predicts its contiguous share and the shares are gathered, so every rank gets all rows
+    (every rank must call; the model must then be the plain module, not the DDP wrapper: the ranks
+    run different numbers of forward passes)."""
+
+    batch_size: int
+    image_size: int
+    amp_dtype: torch.dtype | None = None
+    tta: bool = False
+    rank: int = 0
+    world_size: int = 1
 
 
-def _predict_logits(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
-                    amp_dtype: torch.dtype | None, tta: bool, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """float32 logits on the device: (N, C), or (N, 2, C) with TTA (original, horizontal flip).
-
-    With ``world_size > 1`` each rank predicts its contiguous share of the images and the shares
-    are gathered, so every rank returns all N rows in image order. ``model`` must then be the
-    plain (not DDP-wrapped) module: the ranks run different numbers of forward passes."""
-    sharded = world_size > 1 and len(images) >= world_size
-    first, last = distributed.shard_bounds(len(images), rank, world_size) if sharded else (0, len(images))
+def _predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> torch.Tensor:
+    """float32 logits on the device: (N, C), or (N, 2, C) with TTA (original, horizontal flip)."""
+    sharded = how.world_size > 1 and len(images) >= how.world_size
+    first, last = distributed.shard_bounds(len(images), how.rank, how.world_size) if sharded else (0, len(images))
     outputs = []
-    device = images.device
     with torch.inference_mode():
-        for start in range(first, last, batch_size):
-            inputs = eval_transform(images.slice(start, min(start + batch_size, last)), out_size)
-            with _autocast(device, amp_dtype):
+        for start in range(first, last, how.batch_size):
+            inputs = eval_transform(images.slice(start, min(start + how.batch_size, last)), how.image_size)
+            with _autocast(images.device, how.amp_dtype):
                 logits = model(inputs).float()
-                if tta:
+                if how.tta:
                     logits = torch.stack([logits, model(inputs.flip(3)).float()], dim=1)
             outputs.append(logits)
         local = torch.cat(outputs)
         if sharded:
-            return distributed.all_gather_rows(local, len(images), world_size)
+            return distributed.all_gather_rows(local, len(images), how.world_size)
     return local
 
 
@@ -238,41 +293,34 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _eval_mode_logits(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
-                      amp_dtype: torch.dtype | None, tta: bool, rank: int, world_size: int) -> torch.Tensor:
+def _eval_mode_logits(model: nn.Module, images: DeviceImages, how: Inference) -> torch.Tensor:
     """``_predict_logits`` with the model in eval mode; its previous mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        return _predict_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
+        return _predict_logits(model, images, how)
     finally:
         model.train(was_training)
 
 
-def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int, out_size: int,
-                  amp_dtype: torch.dtype | None, tta: bool = False, rank: int = 0, world_size: int = 1
-                  ) -> np.ndarray:
-    """Softmax probabilities float64 (N, C), rows in image order, computed in large batches
-    with the model in eval mode (its previous mode is restored). ``tta``: average with the
-    horizontally flipped image. ``world_size > 1``: sharded over the ranks and gathered (every
-    rank must call it and gets all rows)."""
+def predict_probs(model: nn.Module, images: DeviceImages, how: Inference) -> np.ndarray:
+    """Softmax probabilities float64 (N, C), rows in image order, computed in batches with the
+    model in eval mode (its previous mode is restored)."""
     if len(images) == 0:
         raise ValueError("no images to predict")
-    logits = _eval_mode_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
+    logits = _eval_mode_logits(model, images, how)
     return _log_probs(logits.double().cpu()).exp().numpy()
 
 
-def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, batch_size: int,
-             out_size: int, amp_dtype: torch.dtype | None, tta: bool = False, rank: int = 0,
-             world_size: int = 1) -> dict:
+def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, how: Inference) -> dict:
     """Validation numbers: ``val_loss`` (``loss_fn``, the training objective, on the predicted
     log-probabilities), ``val_logloss`` (plain clipped multiclass log loss: the competition
-    metric), ``val_acc``, and ``probs`` float64 (N, C). ``world_size > 1``: predictions sharded
-    over the ranks and gathered, so every rank returns the same numbers for all N images."""
+    metric), ``val_acc``, and ``probs`` float64 (N, C). Under DDP every rank returns the same
+    numbers for all N images."""
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):
         raise ValueError(f"labels has shape {labels.shape}, expected ({len(images)},) to match the images")
-    logits = _eval_mode_logits(model, images, batch_size, out_size, amp_dtype, tta, rank, world_size)
+    logits = _eval_mode_logits(model, images, how)
     log_probs = _log_probs(logits)
     targets = torch.from_numpy(labels).to(log_probs.device)
     with torch.inference_mode():

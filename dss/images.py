@@ -47,7 +47,7 @@ import struct
 import threading
 import warnings
 import zlib
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageChops
@@ -61,10 +61,8 @@ DEFAULT_MIN_SIDE = 8  # pixels
 DEFAULT_MAX_ASPECT = 20.0  # long side / short side
 
 # Filter for the final resize. Pillow's filters widen their support when reducing, so none
-# of these alias. For a 960x540 JPEG -> 224 after draft (a 480x270 decode), measured on a shared
-# 2-core AMD EPYC: resize BOX 0.75 ms, BILINEAR 1.1, HAMMING 1.2, BICUBIC 1.9, LANCZOS 2.7;
-# mean |difference| from a LANCZOS resize of the uncompressed frame: BILINEAR 4.4 levels,
-# HAMMING 3.8, BICUBIC 3.2, LANCZOS 2.9. HAMMING: bilinear's cost, closer to the reference.
+# of these alias. HAMMING costs about what BILINEAR does and lands closer to a LANCZOS resize of
+# the uncompressed frame (docs/benchmarks.md, "Design notes from measurements").
 # reducing_gap: for big reductions (large PNGs) box-reduce by an integer factor first, keeping
 # at least 2x the output size for the filter (Pillow: indistinguishable from a full resample).
 RESAMPLE = Image.Resampling.HAMMING
@@ -108,33 +106,12 @@ _OTHER_MAGIC = (
 )
 
 # What Pillow's parsers and decoders raise on malformed bytes (its fuzzers find all of these).
-_PILLOW_DATA_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    TypeError,
-    IndexError,
-    KeyError,
-    EOFError,
-    ZeroDivisionError,
-    OverflowError,
-    struct.error,
-    zlib.error,
-)
+_PILLOW_DATA_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError,
+                       ZeroDivisionError, OverflowError, struct.error, zlib.error)
 
 
-SKIP_REASONS = (
-    "empty",
-    "not_an_image",
-    "unsupported_format",
-    "truncated",
-    "decompression_bomb",
-    "too_many_pixels",
-    "too_small",
-    "bad_aspect",
-    "unsupported_mode",
-    "decode_error",
-)
+SKIP_REASONS = ("empty", "not_an_image", "unsupported_format", "truncated", "decompression_bomb",
+                "too_many_pixels", "too_small", "bad_aspect", "unsupported_mode", "decode_error")
 
 _WARNINGS_LOCK = threading.Lock()
 
@@ -231,6 +208,18 @@ def decode_and_resize(
         "was_grey": bool(grey_mode or _looks_grey(content)),
     }
     return array, info
+
+
+def decode_each(blobs: Iterable[bytes], image_size: int, policy: str = "squash", max_pixels: int = DEFAULT_MAX_PIXELS,
+                refusals: tuple[type[Exception], ...] = (ImageSkip,)) -> Iterator[tuple[np.ndarray, dict] | Exception]:
+    """``decode_and_resize`` each byte string in turn, lazily (one decoded image held at a time): yields
+    ``(array, info)``, or the exception (one of ``refusals``) that refused that image, so one bad image
+    never stops the others. Hosting and preprocess both decode through here: the same pixels."""
+    for data in blobs:
+        try:
+            yield decode_and_resize(data, image_size, policy, max_pixels)
+        except refusals as refusal:
+            yield refusal
 
 
 # --------------------------------------------------------------------------- open and check
@@ -402,10 +391,7 @@ def _resize(rgb: Image.Image, image_size: int, policy: str) -> tuple[Image.Image
 
 def _looks_grey(rgb: Image.Image) -> bool:
     """Mean per-pixel channel spread, max(R,G,B) - min(R,G,B), within GREY_TOLERANCE levels.
-
-    Pillow channel ops and a histogram: ~0.2 ms on a 224 px image (numpy's axis reductions
-    over the 3-channel axis took 4 ms).
-    """
+    Pillow channel ops and a histogram: far cheaper than numpy reductions (docs/benchmarks.md)."""
     red, green, blue = rgb.split()
     highest = ImageChops.lighter(ImageChops.lighter(red, green), blue)
     lowest = ImageChops.darker(ImageChops.darker(red, green), blue)

@@ -17,11 +17,11 @@ file line number (header = line 1), which pandas loses when it skips blank lines
 
 What is fatal and what is not:
 - a bad row (invalid label, no or two 1s, empty id, wrong number of fields) is rejected and
-  recorded in ``problems`` with its line; the run continues (ROBUSTNESS B1);
-- the same id twice with different labels raises LabelsError listing the ids and lines (B2);
-- the same id twice with the same label keeps the first row and adds a warning (B3);
-- no header / no ``id`` column / an empty or repeated column name raises LabelsError (B6);
-- an empty file or zero usable rows raises LabelsError ("empty dataset") (B7).
+  recorded in ``problems`` with its line; the run continues;
+- the same id twice with different labels raises LabelsError listing the ids and lines;
+- the same id twice with the same label keeps the first row and adds a warning;
+- no header / no ``id`` column / an empty or repeated column name raises LabelsError;
+- an empty file or zero usable rows raises LabelsError ("empty dataset").
 """
 
 from __future__ import annotations
@@ -95,25 +95,10 @@ def read_labels(
                                         f"'{ID_COLUMN},{LABEL_COLUMN}'")
     warnings: list[str] = []
     problems: list[RowProblem] = []
-    accepted: list[tuple[int, str, str]] = []  # (line, id, class name)
-
     if LABEL_COLUMN in header:
-        label_index = header.index(LABEL_COLUMN)
-        ignored = [column for column in header if column not in (ID_COLUMN, LABEL_COLUMN)]
-        if ignored:
-            warnings.append(f"{name}: columns {ignored} ignored (labels come from the {LABEL_COLUMN!r} column)")
-        allowed = set(class_names) if class_names is not None else None
-        for line, cells in _rows_with_ids(name, header, rows, id_index, problems):
-            label = cells[label_index]
-            if not label:
-                problems.append(RowProblem(name, line, cells[id_index], "empty label"))
-            elif allowed is not None and label not in allowed:
-                reason = f"label {label!r} is not one of the classes {list(class_names)}"
-                problems.append(RowProblem(name, line, cells[id_index], reason))
-            else:
-                accepted.append((line, cells[id_index], label))
-        names = list(class_names) if class_names is not None else sorted({label for _, _, label in accepted})
+        accepted, names = _label_column_rows(name, header, rows, id_index, class_names, problems, warnings)
     else:
+        accepted = []  # (line, id, class name)
         columns = [column for column in header if column != ID_COLUMN]
         if not columns:
             raise LabelsError(
@@ -128,7 +113,6 @@ def read_labels(
                 problems.append(RowProblem(name, line, cells[id_index], reason))
             else:
                 accepted.append((line, cells[id_index], label))
-
     kept = _dedupe(name, [(line, row_id, (label,)) for line, row_id, label in accepted], "label", warnings)
     if not kept:
         raise LabelsError(_empty_message(name, problems))
@@ -140,6 +124,38 @@ def read_labels(
         problems=problems,
         warnings=warnings,
     )
+
+
+def _label_column_rows(
+    name: str,
+    header: list[str],
+    rows: list[tuple[int, list[str]]],
+    id_index: int,
+    class_names: Sequence[str] | None,
+    problems: list[RowProblem],
+    warnings: list[str],
+) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """Rows of an ``id,label`` file as ((line, id, class name) accepted, class names in order).
+
+    Rejected rows go to ``problems``; extra columns are ignored with a warning. Without
+    ``class_names`` the classes are the sorted labels found."""
+    label_index = header.index(LABEL_COLUMN)
+    ignored = [column for column in header if column not in (ID_COLUMN, LABEL_COLUMN)]
+    if ignored:
+        warnings.append(f"{name}: columns {ignored} ignored (labels come from the {LABEL_COLUMN!r} column)")
+    allowed = set(class_names) if class_names is not None else None
+    accepted: list[tuple[int, str, str]] = []
+    for line, cells in _rows_with_ids(name, header, rows, id_index, problems):
+        label = cells[label_index]
+        if not label:
+            problems.append(RowProblem(name, line, cells[id_index], "empty label"))
+        elif allowed is not None and label not in allowed:
+            reason = f"label {label!r} is not one of the classes {list(class_names)}"
+            problems.append(RowProblem(name, line, cells[id_index], reason))
+        else:
+            accepted.append((line, cells[id_index], label))
+    names = list(class_names) if class_names is not None else sorted({label for _, _, label in accepted})
+    return accepted, names
 
 
 def read_features(path: str | os.PathLike, *, data: bytes | None = None) -> FeatureTable:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from dss import fileio
 
+MODEL_FILENAME = "model.pth"  # the artifact's name in the model dir
 ARTIFACT_FORMAT = "dss-model"
 ARTIFACT_VERSION = 1
 ARCH = "resnet18"
@@ -80,17 +83,20 @@ def _read_state_dict_file(path: str | os.PathLike) -> dict:
         loaded = loaded.get("state_dict")
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
-    return _strip_prefixes(loaded)
+    return strip_wrapper_prefixes(loaded)
 
 
-def _strip_prefixes(state_dict: dict) -> dict:
-    stripped = {}
-    for name, tensor in state_dict.items():
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """A copy of ``state_dict`` named as the plain module names it: the prefixes that
+    torch.compile (``_orig_mod.``) and DistributedDataParallel (``module.``) add are removed,
+    nested in any order."""
+    plain = OrderedDict(state_dict)
+    while True:
+        names = list(plain)
         for prefix in _WRAPPER_PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix):]
-        stripped[name] = tensor
-    return stripped
+            consume_prefix_in_state_dict_if_present(plain, prefix)
+        if list(plain) == names:
+            return plain
 
 
 def _load_backbone(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -145,7 +151,7 @@ def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: 
     absent = [key for key in required if key not in preprocessing]
     if absent:
         raise ValueError(f"preprocessing is missing {', '.join(absent)}")
-    state_dict = {name: tensor.detach().cpu().clone() for name, tensor in _strip_prefixes(model.state_dict()).items()}
+    state_dict = {name: tensor.detach().cpu().clone() for name, tensor in strip_wrapper_prefixes(model.state_dict()).items()}
     payload = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,

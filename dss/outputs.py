@@ -1,8 +1,9 @@
 """The files dss_train.py leaves behind, with the column names users and tests depend on.
 
-Output dir: metrics.json, metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv
-(plots are drawn by dss.metrics). Every file is written atomically through dss.fileio, and a
-training run's files are published together (``StagedFiles``): a run that fails while writing
+Model dir: model.pth (dss.model's artifact) and config.json. Output dir: metrics.json,
+metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv, and the plots drawn by
+dss.metrics. Every file is written atomically through dss.fileio, and a training run's files
+are published together (``StagedFiles``, ``write_all_outputs``): a run that fails while writing
 its outputs leaves the previous run's files as they were.
 Also the fixed ``[METRICS]`` stdout line that SageMaker ``metric_definitions`` regexes parse.
 """
@@ -14,12 +15,15 @@ import io
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dss import fileio
+from dss import fileio, metrics, reporting
+from dss import model as model_lib
+from dss.cli import log
 
 # Order of the per-epoch fields in metrics.csv and in metrics.json's "epochs" records.
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "val_acc", "lr",
@@ -183,3 +187,87 @@ class StagedFiles:
         for folder in self._folders:
             shutil.rmtree(folder, ignore_errors=True)
         self._folders = []
+
+
+# --------------------------------------------------------------------------- a run's outputs
+def write_test_predictions(path: Path, data_dir: Path, test: dict, probs: np.ndarray, prior: np.ndarray,
+                           class_names: list[str]) -> dict:
+    """Write test_predictions.csv to ``path``: every test id, the ones preprocess skipped (named in
+    its summaries in ``data_dir``) filled with ``prior``; ``probs`` float64 (N_test, C) in the
+    split's row order. Returns a summary for metrics.json."""
+    skipped = reporting.read_skipped_test_ids(data_dir)
+    written = set(test["ids"])
+    skipped = [entry for entry in skipped if entry["id"] not in written]
+    csv_rows = csv_rows_from_meta(test["meta"])
+    order = submission_row_order(test["ids"], csv_rows, skipped)
+    write_probabilities(path, {"id": order}, assemble_test_predictions(test["ids"], probs, order, prior), class_names)
+    if skipped:
+        log.info(f"warning: {len(skipped)} test image(s) skipped by preprocess got the training class prior: "
+                 + ", ".join(f"{entry['id']} ({entry['reason']})" for entry in skipped[:10])
+                 + (" ..." if len(skipped) > 10 else ""))
+    return {"num_images": len(order), "num_predicted": len(test["ids"]),
+            "filled_with_prior": [entry["id"] for entry in skipped],
+            "row_order": "test_features.csv" if csv_rows is not None else "sorted ids"}
+
+
+@dataclass
+class RunResult:
+    """A finished training run as its outputs need it (``write_all_outputs`` writes them)."""
+
+    model_dir: Path
+    output_dir: Path
+    data_dir: Path                 # preprocess's summaries there name the skipped test images
+    history: list[dict]            # one record per epoch: EPOCH_FIELDS, then "per_class"
+    best: dict                     # the best epoch's scores, per-class report and confusion matrix
+    best_model: dict               # the best epoch's state dict
+    best_val_probs: np.ndarray     # float64 (N_val, C), validation rows in split order
+    train: dict                    # the train split: ids, sites, labels
+    is_val: np.ndarray             # bool (N_train,), True = validation
+    test: dict | None              # the test split; None when preprocess wrote train data only
+    test_probs: np.ndarray | None  # float64 (N_test, C)
+    test_info: dict                # TTA and seconds, or why there are no test predictions
+    prior: np.ndarray              # float64 (C,): class shares of the labelled training images
+    class_names: list[str]
+    preprocessing: dict            # stored in model.pth, so inference preprocesses as training did
+    config: dict                   # config.json
+    hyperparameters: dict          # stored in model.pth
+
+
+def write_all_outputs(result: RunResult) -> None:
+    """Every output, rendered into staging folders first and published together only when all of
+    them were written: a failure here leaves the previous run's files as they were."""
+    model_dir, output_dir, class_names = result.model_dir, result.output_dir, result.class_names
+    model_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train, val_index = result.train, np.flatnonzero(result.is_val)
+    with StagedFiles() as stage:
+        write_splits(stage.path(output_dir / "splits.csv"), train["ids"], train["sites"], result.is_val)
+        write_probabilities(
+            stage.path(output_dir / "val_predictions.csv"),
+            {"id": [train["ids"][i] for i in val_index], "site": [train["sites"][i] for i in val_index],
+             "label": [class_names[int(k)] for k in train["labels"][val_index]]},
+            result.best_val_probs, class_names)
+        test_path = output_dir / "test_predictions.csv"
+        if result.test is not None:
+            test_summary = write_test_predictions(stage.path(test_path), result.data_dir, result.test,
+                                                  result.test_probs, result.prior, class_names)
+        else:
+            # An earlier run's submission beside this run's model would be taken for this model's.
+            stage.remove(test_path)
+            test_summary = {}
+        test_summary.update(result.test_info)
+        write_metrics(stage.path(output_dir / "metrics.json"), stage.path(output_dir / "metrics.csv"),
+                      result.history, result.best, test_summary)
+        metrics.plot_training_curves(result.history, stage.path(output_dir / "training_curves.png"))
+        metrics.plot_confusion_matrix(np.asarray(result.best["confusion_matrix"]), class_names,
+                                      stage.path(output_dir / "confusion_matrix.png"))
+        fileio.write_json(stage.path(model_dir / "config.json"), result.config)
+        network = model_lib.build_model(len(class_names), "none")
+        network.load_state_dict(result.best_model)
+        # model.pth staged (so published) last: its presence means the whole run succeeded.
+        model_lib.save_model_artifact(stage.path(model_dir / model_lib.MODEL_FILENAME), network, class_names,
+                                      result.preprocessing, result.hyperparameters)
+        for removed in stage.publish():
+            log.info(f"removed {removed} (from an earlier run; this data has no test split)")
+    if result.test is not None:
+        log.info(f"test predictions: {test_summary['num_images']} rows -> {test_path}")

@@ -50,7 +50,6 @@ import torch
 
 from dss import engine, images, loader, model as model_lib
 
-MODEL_FILENAME = "model.pth"
 DEVICE_ENV_VAR = "DSS_SERVE_DEVICE"
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_CONTENT_TYPE = "application/json"
@@ -99,7 +98,7 @@ def serving_device(context=None) -> torch.device:
 def model_fn(model_dir: str, context=None) -> ServedModel:
     """Load ``model_dir/model.pth`` (weights_only) in eval mode on ``serving_device(context)``."""
     device = serving_device(context)
-    network, artifact = model_lib.load_model_artifact(Path(model_dir) / MODEL_FILENAME, map_location=device)
+    network, artifact = model_lib.load_model_artifact(Path(model_dir) / model_lib.MODEL_FILENAME, map_location=device)
     network.to(device).eval()
     preprocessing = artifact["preprocessing"]
     amp_dtype, _ = engine.select_precision(device)
@@ -162,11 +161,10 @@ def input_fn(request_body: bytes | str, request_content_type: str, context=None)
 def decode_batch(image_bytes: list[bytes], image_size: int, resize_policy: str) -> np.ndarray:
     """Decode and resize like preprocess.py: uint8 (N, image_size, image_size, 3)."""
     batch = np.empty((len(image_bytes), image_size, image_size, 3), dtype=np.uint8)
-    for index, data in enumerate(image_bytes):
-        try:
-            batch[index], _ = images.decode_and_resize(data, image_size, resize_policy)
-        except images.ImageSkip as exc:
-            raise ValueError(f"image {index} cannot be used ({exc.reason}): {exc}") from exc
+    for index, decoded in enumerate(images.decode_each(image_bytes, image_size, resize_policy)):
+        if isinstance(decoded, images.ImageSkip):  # a bad request: the client sent an unusable image
+            raise ValueError(f"image {index} cannot be used ({decoded.reason}): {decoded}") from decoded
+        batch[index], _ = decoded
     return batch
 
 
@@ -174,8 +172,8 @@ def predict_fn(data: list[bytes], model: ServedModel, context=None) -> dict:
     """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64}``,
     rows in request order, from the shared ``engine.predict_probs``."""
     pixels = decode_batch(data, model.image_size, model.resize_policy)
-    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), PREDICT_BATCH_SIZE,
-                                 model.input_size, model.amp_dtype, tta=model.tta)
+    how = engine.Inference(PREDICT_BATCH_SIZE, model.input_size, model.amp_dtype, tta=model.tta)
+    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), how)
     return {"class_names": list(model.class_names), "probs": probs}
 
 

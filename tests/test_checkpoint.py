@@ -129,3 +129,54 @@ print("USED", os.path.basename(used))
     assert not marker.exists()
     assert "USED ckpt-e00001-s000000001.pt" in result.stdout
     assert "ckpt-e00002-s000000002.pt skipped" in result.stdout
+
+
+# --------------------------------------------------------------------------- TrainingState
+def _training_state(seed: int) -> checkpoint_lib.TrainingState:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return checkpoint_lib.TrainingState(model, optimizer, scheduler, scaler, torch.Generator().manual_seed(seed))
+
+
+def _epoch(state, epoch: int, val_logloss: float, steps: int = 4) -> None:
+    state.begin_epoch()
+    state.add_epoch_part({"steps": steps, "images": 8 * steps, "train_loss": 1.0, "train_acc": 0.5, "seconds": 1.0})
+    state.finish_epoch()
+    record = {"epoch": epoch, "val_loss": val_logloss, "val_logloss": val_logloss, "val_acc": 0.5, "per_class": []}
+    state.record_epoch(record, np.full((2, 2), 0.5), np.eye(2, dtype=np.int64))
+
+
+def test_training_state_round_trip_through_a_checkpoint_file(tmp_path):
+    """What a checkpoint holds: the keys resume reads, and a state that loads back field for field."""
+    state = _training_state(0)
+    _epoch(state, 1, 0.7)
+    _epoch(state, 2, 0.9)
+    state.begin_epoch()
+    state.add_epoch_part({"steps": 3, "images": 24, "train_loss": 2.0, "train_acc": 0.25, "seconds": 0.5})
+    manager = checkpoint_lib.CheckpointManager(tmp_path, log=lambda message: None)
+    manager.save(state.state_dict(), state.epoch, state.step, FINGERPRINT)
+    saved, _ = manager.load_latest(FINGERPRINT)
+    assert set(saved) == {"model", "optimizer", "scheduler", "scaler", "rng", "history", "best", "best_model",
+                          "best_val_probs", "step_in_epoch", "early_stopped", "partial_epoch", "fingerprint", "epoch",
+                          "step"}
+    assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (2, 11, 3)
+
+    resumed = _training_state(1)
+    resumed.load_state_dict(saved)
+    assert (resumed.epoch, resumed.step, resumed.step_in_epoch, resumed.position) == (2, 11, 3, "epoch 3 step 3")
+    assert [row["epoch"] for row in resumed.history] == [1, 2] and resumed.best["epoch"] == 1
+    assert resumed.epochs_without_improvement == 1
+    np.testing.assert_array_equal(resumed.best_val_probs, np.full((2, 2), 0.5))
+    assert resumed.best["confusion_matrix"] == [[1, 0], [0, 1]]
+    for name, tensor in state.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor)
+    # Mid-epoch, the saved random streams are those of the epoch's start: the batches are redrawn alike.
+    assert torch.equal(resumed.generator.get_state(), saved["rng"]["generator"])
+    # The interrupted epoch's two parts count as one epoch.
+    resumed.add_epoch_part({"steps": 1, "images": 8, "train_loss": 4.0, "train_acc": 1.0, "seconds": 0.5})
+    assert resumed.finish_epoch() == {"train_loss": (2.0 * 24 + 4.0 * 8) / 32, "train_acc": (6 + 8) / 32,
+                                      "train_images_per_s": 32.0}
+    assert (resumed.epoch, resumed.step, resumed.step_in_epoch, resumed.partial_epoch) == (3, 12, 0, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -31,9 +32,15 @@ def make_split_data(n=6, size=8, labelled=True, seed=0):
     }
 
 
+def write_split(path, data: dict):
+    """A pickle as preprocess writes it (dss.splitfile's output equals this byte for byte)."""
+    path.write_bytes(pickle.dumps(dataset.validate(data, source=str(path)), protocol=dataset.PICKLE_PROTOCOL))
+    return path
+
+
 def test_round_trip_is_exact_and_writable(tmp_path):
     data = make_split_data()
-    dataset.save_split(tmp_path / "train_data.pkl", data)
+    write_split(tmp_path / "train_data.pkl", data)
     loaded = dataset.load_split(tmp_path, "train")
     assert np.array_equal(loaded["images"], data["images"])
     assert loaded["images"].flags.c_contiguous and loaded["images"].flags.writeable
@@ -45,7 +52,7 @@ def test_round_trip_is_exact_and_writable(tmp_path):
 
 def test_plain_pickle_load_works_for_notebooks(tmp_path):
     data = make_split_data()
-    path = dataset.save_split(tmp_path / "train_data.pkl", data)
+    path = write_split(tmp_path / "train_data.pkl", data)
     with open(path, "rb") as handle:
         plain = pickle.load(handle)
     assert plain["ids"] == data["ids"]
@@ -56,7 +63,7 @@ def test_plain_pickle_load_works_for_notebooks(tmp_path):
 
 
 def test_test_split_without_labels(tmp_path):
-    dataset.save_split(tmp_path / "test_data.pkl", make_split_data(labelled=False))
+    write_split(tmp_path / "test_data.pkl", make_split_data(labelled=False))
     assert dataset.load_split(tmp_path, "test")["labels"] is None
 
 
@@ -69,7 +76,7 @@ def test_shards_concatenate_in_index_order(tmp_path):
             "class_names": whole["class_names"], "sites": whole["sites"][lo:hi],
             "meta": {k: v[lo:hi] for k, v in whole["meta"].items()}, "info": whole["info"],
         }
-        dataset.save_split(tmp_path / dataset.split_filename("train", index, 3), part)
+        write_split(tmp_path / dataset.split_filename("train", index, 3), part)
     loaded = dataset.load_split(tmp_path, "train")
     assert loaded["ids"] == whole["ids"]
     assert np.array_equal(loaded["images"], whole["images"])
@@ -77,6 +84,30 @@ def test_shards_concatenate_in_index_order(tmp_path):
     os.remove(tmp_path / dataset.split_filename("train", 1, 3))
     with pytest.raises(DatasetError, match="missing"):
         dataset.load_split(tmp_path, "train")
+
+
+def test_one_merge_for_loaded_and_streamed_shards(tmp_path):
+    """merge_shards without images (streaming) gives the same metadata as the loaded split and the
+    sha256 of the loaded pixels; shards that disagree are refused either way."""
+    whole = make_split_data(n=7)
+    files = []
+    for index, (lo, hi) in enumerate([(0, 4), (4, 7)]):
+        part = {**whole, "images": whole["images"][lo:hi], "ids": whole["ids"][lo:hi],
+                "labels": whole["labels"][lo:hi], "sites": whole["sites"][lo:hi],
+                "meta": {k: v[lo:hi] for k, v in whole["meta"].items()}}
+        files.append(write_split(tmp_path / dataset.split_filename("train", index, 2), part))
+    loaded = dataset.merge_shards(files, "train")
+    scanned = dataset.merge_shards(files, "train", keep_images=False)
+    assert scanned["images"] is None and scanned["shard_sizes"] == [4, 3] and scanned["image_shape"] == (8, 8, 3)
+    assert scanned["images_sha256"] == hashlib.sha256(loaded["images"].tobytes()).hexdigest()
+    assert scanned["ids"] == loaded["ids"] == whole["ids"] and scanned["sites"] == loaded["sites"]
+    np.testing.assert_array_equal(scanned["labels"], loaded["labels"])
+    for key in whole["meta"]:
+        assert list(scanned["meta"][key]) == list(loaded["meta"][key]) == list(whole["meta"][key])
+    write_split(files[1], {**make_split_data(n=3, size=4), "ids": ["X1", "X2", "X3"]})
+    for keep_images in (True, False):
+        with pytest.raises(DatasetError, match="disagree on image shape"):
+            dataset.merge_shards(files, "train", keep_images=keep_images)
 
 
 def test_missing_split_names_the_folder(tmp_path):

@@ -77,8 +77,8 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run, demo_pick
     val_index = np.array(sorted(position[i] for i in val_ids))
     torch.set_num_threads(1)
     stats = engine.evaluate(network, DeviceImages(train["images"][val_index], torch.device("cpu")),
-                            train["labels"][val_index], torch.nn.CrossEntropyLoss(), 256,
-                            artifact["preprocessing"]["image_size"], None)
+                            train["labels"][val_index], torch.nn.CrossEntropyLoss(),
+                            engine.Inference(256, artifact["preprocessing"]["image_size"]))
     best = json.loads((models / "metrics.json").read_text())["best"]
     assert stats["val_logloss"] == pytest.approx(best["val_logloss"], abs=1e-5)
     assert stats["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dss import engine
-from dss.engine import (NonFiniteLossError, build_optimizer, build_scheduler, class_weights_balanced, evaluate,
-                        predict_probs, select_precision, train_one_epoch)
+from dss.engine import (Inference, NonFiniteLossError, TrainLoop, build_optimizer, build_scheduler,
+                        class_weights_balanced, evaluate, predict_probs, select_precision, train_one_epoch)
 from dss.loader import DeviceImages, GpuAugment, eval_transform
 from dss.model import build_model
 
@@ -48,11 +48,17 @@ def make_run(lr: float = 3e-3, seed: int = 0, optimizer_name: str = "adamw"):
     return model, optimizer, scheduler
 
 
-def run_epoch(model, optimizer, scheduler, stored, labels, generator, epoch=1, start_step=0, **kwargs):
+def run_epoch(model, optimizer, scheduler, stored, labels, generator, epoch=1, start_step=0, loss_fn=None,
+              sync_every=16, **kwargs):
     augment = GpuAugment(SIZE, scale=(0.6, 1.0), grey_p=0.0)
-    loss_fn = kwargs.pop("loss_fn", nn.CrossEntropyLoss(label_smoothing=0.1))
-    return train_one_epoch(model, optimizer, scheduler, None, stored, torch.from_numpy(labels), 16, augment,
-                           loss_fn, generator, None, epoch, start_step, progress=False, **kwargs)
+    loop = TrainLoop(model, optimizer, scheduler, None, loss_fn or nn.CrossEntropyLoss(label_smoothing=0.1), augment,
+                     generator, 16, sync_every=sync_every, progress=False)
+    return train_one_epoch(loop, stored, torch.from_numpy(labels), epoch, start_step, **kwargs)
+
+
+def at(batch_size: int, tta: bool = False) -> Inference:
+    """Evaluation and prediction in float32 at the test image size."""
+    return Inference(batch_size, SIZE, tta=tta)
 
 
 def test_select_precision_cpu_and_gpu_generations(monkeypatch):
@@ -102,10 +108,10 @@ def test_training_reduces_the_loss():
     stored = DeviceImages(images, CPU)
     model, optimizer, scheduler = make_run(lr=1e-3)
     generator = seeded_generator()
-    before = evaluate(model, stored, labels, nn.CrossEntropyLoss(), 64, SIZE, None)["val_loss"]
+    before = evaluate(model, stored, labels, nn.CrossEntropyLoss(), at(64))["val_loss"]
     history = [run_epoch(model, optimizer, scheduler, stored, labels, generator, epoch=epoch, start_step=3 * epoch)
                for epoch in range(1, 6)]
-    after = evaluate(model, stored, labels, nn.CrossEntropyLoss(), 64, SIZE, None)
+    after = evaluate(model, stored, labels, nn.CrossEntropyLoss(), at(64))
     assert history[0]["steps"] == 3 and history[0]["images"] == 48 and not history[0]["stopped_early"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert after["val_loss"] < 0.5 * before
@@ -174,17 +180,17 @@ def test_predict_probs_rows_sum_to_one_batch_size_does_not_matter_and_tta_averag
     torch.manual_seed(0)
     model = build_model(3, "none")
     model.train()
-    probs = predict_probs(model, stored, 7, SIZE, None)
+    probs = predict_probs(model, stored, at(7))
     assert model.training                     # mode restored
     assert probs.shape == (20, 3) and probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
-    np.testing.assert_allclose(predict_probs(model, stored, 64, SIZE, None), probs, atol=1e-5)
+    np.testing.assert_allclose(predict_probs(model, stored, at(64)), probs, atol=1e-5)
 
     model.eval()
     with torch.no_grad():
         inputs = eval_transform(torch.from_numpy(images).permute(0, 3, 1, 2), SIZE)
         expected = 0.5 * (F.softmax(model(inputs).double(), 1) + F.softmax(model(inputs.flip(3)).double(), 1))
-    tta = predict_probs(model, stored, 8, SIZE, None, tta=True)
+    tta = predict_probs(model, stored, at(8, tta=True))
     np.testing.assert_allclose(tta, expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(tta.sum(axis=1), 1.0, atol=1e-12)
     assert not np.allclose(tta, probs, atol=1e-6)
@@ -198,7 +204,7 @@ def test_evaluate_reports_the_objective_and_the_plain_metric(tta):
     model = build_model(3, "none").eval()
     weights = torch.tensor([1.0, 2.0, 0.5])
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
-    result = evaluate(model, stored, labels, loss_fn, 10, SIZE, None, tta=tta)
+    result = evaluate(model, stored, labels, loss_fn, at(10, tta=tta))
     probs = result["probs"]
     log_probs = torch.from_numpy(np.log(probs)).float()
     if not tta:
@@ -218,10 +224,10 @@ def test_evaluate_reports_the_objective_and_the_plain_metric(tta):
 def test_evaluate_rejects_mismatched_labels():
     stored = DeviceImages(colour_problem(6)[0], CPU)
     with pytest.raises(ValueError, match=r"labels has shape \(5,\), expected \(6,\)"):
-        evaluate(build_model(3, "none"), stored, np.zeros(5, np.int64), nn.CrossEntropyLoss(), 4, SIZE, None)
+        evaluate(build_model(3, "none"), stored, np.zeros(5, np.int64), nn.CrossEntropyLoss(), at(4))
 
 
 def test_module_exports_the_documented_names():
     for name in ("select_precision", "NonFiniteLossError", "train_one_epoch", "build_scheduler", "build_optimizer",
-                 "predict_probs", "evaluate", "class_weights_balanced"):
+                 "predict_probs", "evaluate", "class_weights_balanced", "TrainLoop", "Inference"):
         assert callable(getattr(engine, name))

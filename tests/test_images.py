@@ -147,6 +147,31 @@ def test_unknown_policy_is_a_programming_error(small_png):
         decode_and_resize(small_png, 16, "stretch")
 
 
+def test_decode_each_yields_the_refusal_and_goes_on(small_jpeg, small_png):
+    """The one decode path of preprocess and hosting: in input order, a refused image is yielded as
+    its ImageSkip (not raised) and the images after it are still decoded, lazily."""
+    decoded = images.decode_each(iter([small_jpeg, b"not an image", small_png]), 16, "squash")
+    first = next(decoded)
+    array, info = first
+    assert array.shape == (16, 16, 3) and array.dtype == np.uint8 and info["format"] == "JPEG"
+    assert np.array_equal(array, decode_and_resize(small_jpeg, 16, "squash")[0])
+    refused = next(decoded)
+    assert isinstance(refused, ImageSkip) and refused.reason == "not_an_image"
+    assert next(decoded)[1]["format"] == "PNG"
+    assert next(decoded, None) is None
+
+
+def test_decode_each_yields_other_refusals_only_when_asked(small_jpeg, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(images, "decode_and_resize", broken)
+    (outcome,) = images.decode_each([small_jpeg], 16, refusals=(Exception,))
+    assert isinstance(outcome, RuntimeError)
+    with pytest.raises(RuntimeError, match="decoder bug"):
+        list(images.decode_each([small_jpeg], 16))
+
+
 # --------------------------------------------------------------------------- A1, A2, A8
 def test_a1_empty():
     assert skip_reason(b"") == "empty"

@@ -1,4 +1,4 @@
-"""dss.labels on real CSV files: both label formats and ROBUSTNESS B1-B4, B6, B7."""
+"""dss.labels on real CSV files: both label formats and the CSV rows of tests/robustness/ROWS.md."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_label_column_with_given_class_names(tmp_path):
     assert "cat" in table.problems[0].reason
 
 
-# --------------------------------------------------------------------------- B1
+# --------------------------------------------------------------------------- bad rows
 def test_b1_bad_one_hot_rows_are_rejected_with_their_lines(tmp_path):
     lines = [
         ONE_HOT_HEADER,
@@ -99,7 +99,7 @@ def test_b1_bad_label_column_values(tmp_path):
     assert [(problem.line, problem.id) for problem in inferred.problems] == [(3, "b")]
 
 
-# --------------------------------------------------------------------------- B2, B3
+# --------------------------------------------------------------------------- duplicate ids
 def test_b2_duplicate_id_with_conflicting_labels_is_fatal(tmp_path):
     lines = [ONE_HOT_HEADER, one_hot_row("ZJ1", 0), one_hot_row("ZJ2", 1), one_hot_row("ZJ1", 3), one_hot_row("ZJ2", 2)]
     with pytest.raises(LabelsError) as caught:
@@ -116,7 +116,7 @@ def test_b3_duplicate_id_with_same_label_is_deduped_with_a_warning(tmp_path):
     assert len(table.warnings) == 1 and "'ZJ1'" in table.warnings[0] and "line 4" in table.warnings[0]
 
 
-# --------------------------------------------------------------------------- B4
+# --------------------------------------------------------------------------- ids stay strings
 def test_b4_ids_stay_strings(tmp_path):
     text = "id,label\n00123,hog\n1e5,bird\nNA,hog\nnan,bird\nNULL,hog\n 007 ,bird\n"
     table = read_labels(write(tmp_path, text))
@@ -126,7 +126,7 @@ def test_b4_ids_stay_strings(tmp_path):
     assert features.filepaths == ["f/00123.jpg", "f/NA.jpg"] and features.sites == ["S0001", ""]
 
 
-# --------------------------------------------------------------------------- B6
+# --------------------------------------------------------------------------- headers, encodings and line numbers
 def test_b6_bom_crlf_and_whitespace(tmp_path):
     text = "id , bird ,hog\r\n a1 , 1.0 , 0.0 \r\n\r\na2,0,1\r\n"
     path = write(tmp_path, text, encoding="utf-8-sig")
@@ -165,7 +165,7 @@ def test_b6_not_utf8_names_the_line(tmp_path):
         read_labels(path)
 
 
-# --------------------------------------------------------------------------- B7
+# --------------------------------------------------------------------------- empty files
 @pytest.mark.parametrize("text", ["", "\n\n", ONE_HOT_HEADER + "\n"])
 def test_b7_empty_files(tmp_path, text):
     with pytest.raises(LabelsError, match="empty dataset"):

@@ -50,6 +50,16 @@ def test_weights_with_compile_prefix_and_matching_head_load_fully(tmp_path):
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
+def test_wrapper_prefixes_are_stripped_in_any_nesting():
+    """DDP around a compiled module names parameters module._orig_mod.*; the reverse nesting too."""
+    from dss.model import strip_wrapper_prefixes
+
+    tensor = torch.zeros(1)
+    names = {"module._orig_mod.fc.weight": tensor, "_orig_mod.module.fc.bias": tensor, "conv1.weight": tensor}
+    assert sorted(strip_wrapper_prefixes(names)) == ["conv1.weight", "fc.bias", "fc.weight"]
+    assert list(names) == ["module._orig_mod.fc.weight", "_orig_mod.module.fc.bias", "conv1.weight"]  # not changed
+
+
 def test_weights_that_do_not_fit_name_the_file(tmp_path):
     state = resnet18(num_classes=10).state_dict()
     del state["layer2.0.conv1.weight"]

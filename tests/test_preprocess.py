@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 import preprocess
-from dss import dataset, images, sources
-from tests.conftest import FAKE_AWS_ENV, REPO_ROOT, clean_env, run_script
+from dss import building, dataset, images, planning, publishing, reporting, sources, splitfile
+from tests.conftest import REPO_ROOT, clean_env, run_script
 from tests.test_sources import CorruptInTransit, CountingHook, error_response, noisy_jpeg, zero_middle
 
 SIZE = 32  # stored px in these tests: small and fast
@@ -158,7 +158,7 @@ def test_folder_run_lines_up_with_the_csvs_and_reruns_identically(demo_data, tmp
     assert test["labels"] is None and test["class_names"] == class_names and len(test["ids"]) == 40
 
     metadata = csv_rows(out / "train_metadata.csv")
-    assert list(metadata[0].keys()) == list(preprocess.METADATA_COLUMNS)
+    assert list(metadata[0].keys()) == list(reporting.METADATA_COLUMNS)
     assert [row["id"] for row in metadata] == train["ids"]
     assert [row["label"] for row in metadata] == [class_names[label_of[i]] for i in train["ids"]]
     assert metadata[0]["source_key"] == f"train_features/{train['ids'][0]}.jpg"
@@ -225,7 +225,7 @@ def test_images_only_folder_becomes_test_split(tmp_path):
 def test_no_input_shows_both_commands_and_writes_nothing(tmp_path):
     result = run_script("preprocess.py", ["--output-dir", tmp_path / "out"], cwd=tmp_path)
     assert result.returncode != 0
-    assert f"python preprocess.py --input {preprocess.BUCKET_EXAMPLE} --output-dir ./output" in result.stderr
+    assert f"python preprocess.py --input {planning.BUCKET_EXAMPLE} --output-dir ./output" in result.stderr
     assert "python preprocess.py --input ./data --output-dir ./output" in result.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "data").mkdir()  # present but empty: same advice
@@ -371,6 +371,32 @@ def test_object_stored_corrupt_is_accepted_a_documented_limit(s3_server, s3_clie
     assert not np.array_equal(_row(tmp_path / "out", "id3"), intended)
 
 
+def test_decode_batch_records_each_failure_and_writes_the_rest(tmp_path, monkeypatch):
+    """One decode task: a vanished file, a non-image and a decoder bug are skips with their reasons
+    (the bug by its exception's name); the good images still go to their rows, with their sha256."""
+    good, other = jpeg(), png()
+    real_decode = images.decode_and_resize
+
+    def decode_with_a_bug(data, *args, **kwargs):
+        if data == b"\xff\xd8\xff bug":
+            raise RuntimeError("boom")
+        return real_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_and_resize", decode_with_a_bug)
+    batch = [(0, good), (1, str(tmp_path / "gone.jpg")), (2, b"<html>"), (3, b"\xff\xd8\xff bug"), (4, other)]
+    with splitfile.SplitFileWriter(tmp_path / "train_data.pkl", 5, SIZE) as writer:
+        results = {slot: (info, problem) for slot, info, problem in
+                   building.decode_batch(batch, SIZE, "squash", images.DEFAULT_MAX_PIXELS, writer.slots)}
+        rows = writer.read_rows(np.array([0, 4]))
+        writer.discard()
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert results[1][1][0] == "missing" and results[2][1][0] == "not_an_image"
+    assert results[3][1] == ("unexpected_error", "RuntimeError: boom")
+    assert results[0][0]["sha256"] == hashlib.sha256(good).hexdigest() and results[4][0]["bytes"] == len(other)
+    assert np.array_equal(rows[0], real_decode(good, SIZE, "squash")[0])
+    assert np.array_equal(rows[1], real_decode(other, SIZE, "squash")[0])
+
+
 # ---------------------------------------------------------------------------- labels (B)
 def _two_class_train(n=4):
     return {f"id{i}": (jpeg(40, 30, colour=(i * 40, 10, 10)), ("cat", "dog")[i % 2], f"S{i % 2}") for i in range(n)}
@@ -432,12 +458,15 @@ def _s3_dataset(s3_client, bucket, tmp_path, n=4):
 
 
 def _run_in_process(s3_server, bucket, out, hook_event=None, hook=None, max_attempts=3):
-    source = sources.open_source(f"s3://{bucket}/data/", endpoint_url=s3_server["endpoint"], max_attempts=max_attempts)
+    source = sources.open_source(f"s3://{bucket}/data/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+                                                                               max_attempts=max_attempts))
     if hook is not None:
         source.client.meta.events.register(hook_event, hook)
     output = sources.open_output(out)
-    return preprocess.run(source, output, f"s3://{bucket}/data/", preprocess.Layout(), SIZE, "squash",
-                          images.DEFAULT_MAX_PIXELS, workers=1, download_threads=2, quiet=True)
+    settings = planning.PreprocessSettings(input_uri=f"s3://{bucket}/data/", image_size=SIZE, policy="squash",
+                                           max_pixels=images.DEFAULT_MAX_PIXELS, workers=1, download_threads=2,
+                                           quiet=True)
+    return preprocess.run(source, output, settings)
 
 
 def test_slowdown_retried_then_written(s3_server, s3_client, bucket, tmp_path):
@@ -475,7 +504,7 @@ def test_every_key_failing_fails_the_run_without_pickle(s3_server, s3_client, bu
     def images_fail(request, **kwargs):
         return error_response(request, 503, "SlowDown") if "/train_features/" in request.url else None
 
-    with pytest.raises(preprocess.PreprocessError, match="all 4 train images were skipped"):
+    with pytest.raises(planning.PreprocessError, match="all 4 train images were skipped"):
         _run_in_process(s3_server, bucket, tmp_path / "out", "before-send.s3.GetObject", images_fail, max_attempts=2)
     assert not (tmp_path / "out" / "train_data.pkl").exists()
 
@@ -566,13 +595,13 @@ def test_disk_full_while_writing_the_pickle_is_one_clear_error(demo_data, tiny_f
 
 
 def test_other_os_errors_name_path_and_errno():
-    message = preprocess.os_error_message(OSError(errno.EACCES, "Permission denied", "/out/train_data.pkl"))
+    message = publishing.os_error_message(OSError(errno.EACCES, "Permission denied", "/out/train_data.pkl"))
     assert message == "/out/train_data.pkl: Permission denied (EACCES)"
 
 
 def test_disk_full_in_the_staging_folder_of_an_s3_output_points_at_tmpdir():
     staged = os.path.join(tempfile.gettempdir(), f"{sources.S3_STAGING_PREFIX}abc", "train_data.pkl")
-    message = preprocess.os_error_message(OSError(errno.ENOSPC, "No space left on device", staged))
+    message = publishing.os_error_message(OSError(errno.ENOSPC, "No space left on device", staged))
     assert "TMPDIR" in message and staged in message
-    local = preprocess.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/out/train_data.pkl"))
+    local = publishing.os_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/out/train_data.pkl"))
     assert "pick another --output-dir" in local and "TMPDIR" not in local

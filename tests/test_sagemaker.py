@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import dss_train
+from dss.training import Settings
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 
@@ -119,19 +120,19 @@ def test_failure_reason_goes_to_the_sagemaker_failure_file(tmp_path):
 def test_paths_flags_win_over_sm_variables_which_win_over_local_defaults(tmp_path, monkeypatch):
     for key in [key for key in os.environ if key.startswith("SM_")]:
         monkeypatch.delenv(key)
-    local = dss_train.resolve_paths(dss_train.parse_args([]))
-    assert (str(local["data_dir"]), str(local["model_dir"]), str(local["output_dir"])) == ("output", "models", "models")
-    assert local["checkpoint_dir"] is None
+    local = Settings.from_args(dss_train.parse_args([]))
+    assert (str(local.data_dir), str(local.model_dir), str(local.output_dir)) == ("output", "models", "models")
+    assert local.checkpoint_dir is None
     for key, value in _sagemaker_env(tmp_path, tmp_path / "channel").items():
         if key.startswith("SM_"):
             monkeypatch.setenv(key, value)
-    managed = dss_train.resolve_paths(dss_train.parse_args([]))
-    assert managed["data_dir"] == tmp_path / "channel"
-    assert managed["model_dir"] == tmp_path / "model"
-    assert managed["output_dir"] == tmp_path / "output" / "data"
-    assert managed["checkpoint_dir"] == tmp_path / "checkpoints"
-    explicit = dss_train.resolve_paths(dss_train.parse_args(["--model-dir", "m", "--output-dir", "o"]))
-    assert (str(explicit["model_dir"]), str(explicit["output_dir"])) == ("m", "o")
+    managed = Settings.from_args(dss_train.parse_args([]))
+    assert managed.data_dir == tmp_path / "channel"
+    assert managed.model_dir == tmp_path / "model"
+    assert managed.output_dir == tmp_path / "output" / "data"
+    assert managed.checkpoint_dir == tmp_path / "checkpoints"
+    explicit = Settings.from_args(dss_train.parse_args(["--model-dir", "m", "--output-dir", "o"]))
+    assert (str(explicit.model_dir), str(explicit.output_dir)) == ("m", "o")
 
 
 @pytest.mark.parametrize("name", ["batch_size", "learning_rate"])

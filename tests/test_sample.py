@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dss import sample
+from dss import sample, sample_drawing
 from tests.conftest import run_script
 
 N_TRAIN, N_TEST, SCALE = 200, 50, 0.05
@@ -134,7 +134,8 @@ def test_scale_keeps_at_least_16_px_a_side_and_frame_sizes_replaces_the_mix(tmp_
 def test_animals_stay_visible_after_squashing_a_full_frame_to_64px(class_name):
     for seed in range(20):
         canvas = Image.new("RGB", (960, 540))
-        sample.draw_animal(ImageDraw.Draw(canvas), class_name, 960, 540, np.random.default_rng(seed), is_day=True)
+        sample_drawing.draw_animal(ImageDraw.Draw(canvas), class_name, 960, 540, np.random.default_rng(seed),
+                                   is_day=True)
         covered = np.asarray(canvas.convert("L").point(lambda v: 255 if v else 0).resize((64, 64), Image.BOX)) >= 128
         assert covered.sum() >= 20, f"{class_name} seed {seed}: only {covered.sum()} of 64x64 pixels"
 

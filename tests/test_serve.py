@@ -27,7 +27,7 @@ def _write_model(folder, hyperparameters: dict):
     network = model_lib.build_model(len(CLASS_NAMES), "none")
     preprocessing = {"image_size": INPUT_SIZE, "stored_image_size": STORED_SIZE, "resize_policy": "squash",
                      "mean": list(loader.IMAGENET_MEAN), "std": list(loader.IMAGENET_STD)}
-    model_lib.save_model_artifact(folder / serve.MODEL_FILENAME, network.eval(), CLASS_NAMES, preprocessing,
+    model_lib.save_model_artifact(folder / model_lib.MODEL_FILENAME, network.eval(), CLASS_NAMES, preprocessing,
                                   hyperparameters)
     return folder
 
@@ -163,8 +163,8 @@ def test_handlers_use_the_training_preprocessing(served):
     body = _encoded("JPEG", seed=2)
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
-    expected = engine.predict_probs(served.network, loader.DeviceImages(pixels[None], served.device), 8, INPUT_SIZE,
-                                    served.amp_dtype)
+    expected = engine.predict_probs(served.network, loader.DeviceImages(pixels[None], served.device),
+                                    engine.Inference(8, INPUT_SIZE, served.amp_dtype))
     np.testing.assert_allclose(served_probs, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -175,8 +175,10 @@ def test_model_trained_with_tta_is_served_with_tta(tmp_path):
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_tta)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
     device_images = loader.DeviceImages(pixels[None], served_tta.device)
-    with_flip = engine.predict_probs(served_tta.network, device_images, 8, INPUT_SIZE, served_tta.amp_dtype, tta=True)
-    without_flip = engine.predict_probs(served_tta.network, device_images, 8, INPUT_SIZE, served_tta.amp_dtype)
+    with_flip = engine.predict_probs(served_tta.network, device_images,
+                                     engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype, tta=True))
+    without_flip = engine.predict_probs(served_tta.network, device_images,
+                                        engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype))
     np.testing.assert_allclose(served_probs, with_flip, rtol=1e-5, atol=1e-7)
     assert not np.allclose(with_flip, without_flip, rtol=1e-6, atol=1e-9)
 

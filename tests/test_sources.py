@@ -16,7 +16,7 @@ import urllib3
 from botocore.awsrequest import AWSResponse
 from PIL import Image
 
-from dss import images, sources
+from dss import images, s3, sources
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -56,7 +56,7 @@ class CountingHook:
 
 def noisy_jpeg(seed: int = 0, width: int = 200, height: int = 150) -> bytes:
     """A JPEG of random pixels (~28 KB): its entropy-coded middle is image data, so zeroing bytes
-    there still decodes, to a different picture (a corrupted-but-decodable JPEG, A4)."""
+    there still decodes, to a different picture (a corrupted-but-decodable JPEG)."""
     pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
@@ -102,19 +102,19 @@ def bucket(s3_client):
     return name
 
 
-def _open(s3_server, uri, **kwargs):
-    return sources.open_source(uri, endpoint_url=s3_server["endpoint"], **kwargs)
+def _open(s3_server, uri, **options):
+    return sources.open_source(uri, sources.SourceOptions(endpoint_url=s3_server["endpoint"], **options))
 
 
 # ---------------------------------------------------------------------------- URIs and ids
 
 
 def test_split_s3_uri_normalises_prefix():
-    assert sources.split_s3_uri("s3://b/data") == ("b", "data/")
-    assert sources.split_s3_uri("s3://b/data/") == ("b", "data/")
-    assert sources.split_s3_uri("s3://b") == ("b", "")
+    assert s3.split_s3_uri("s3://b/data") == ("b", "data/")
+    assert s3.split_s3_uri("s3://b/data/") == ("b", "data/")
+    assert s3.split_s3_uri("s3://b") == ("b", "")
     with pytest.raises(sources.SourceError):
-        sources.split_s3_uri("s3:///data")
+        s3.split_s3_uri("s3:///data")
 
 
 # ---------------------------------------------------------------------------- local folders
@@ -144,7 +144,7 @@ def test_local_source_missing_folder_is_a_source_error(tmp_path):
 
 def test_size_cap_rejects_from_listing_without_reading(tmp_path):
     (tmp_path / "big.jpg").write_bytes(b"x" * 2000)
-    source = sources.open_source(tmp_path, max_object_bytes=1000)
+    source = sources.open_source(tmp_path, sources.SourceOptions(max_object_bytes=1000))
     (info,) = source.list("")
     with pytest.raises(sources.ObjectSkip) as skip:
         source.check_size(info)
@@ -167,7 +167,7 @@ def test_fetch_many_yields_every_key_once_with_skips(tmp_path):
 
 
 def test_s3_lists_more_than_1000_keys_in_order_and_ignores_dir_markers(s3_server, s3_client, bucket):
-    """C1: 2,503 keys need three list pages; all come back, sorted; 'dir/' markers are dropped."""
+    """2,503 keys need three list pages; all come back, sorted; 'dir/' markers are dropped."""
     from concurrent.futures import ThreadPoolExecutor
 
     keys = [f"data/imgs/{index:05d}.jpg" for index in range(2503)]
@@ -183,7 +183,7 @@ def test_s3_lists_more_than_1000_keys_in_order_and_ignores_dir_markers(s3_server
 
 
 def test_s3_reads_odd_keys(s3_server, s3_client, bucket):
-    """A12: unicode, spaces, '+', '%' and no extension round-trip unchanged."""
+    """Unicode, spaces, '+', '%' and no extension round-trip unchanged."""
     odd = ["data/ünï cödé.jpg", "data/a+b.jpg", "data/100%.JPG", "data/no_extension", "data/sp ace/x y.png"]
     for index, key in enumerate(odd):
         s3_client.put_object(Bucket=bucket, Key=key, Body=f"body{index}".encode())
@@ -197,7 +197,7 @@ def test_s3_reads_odd_keys(s3_server, s3_client, bucket):
 
 
 def test_s3_object_deleted_after_listing_is_a_recorded_skip(s3_server, s3_client, bucket):
-    """C6: NoSuchKey between list and get -> ObjectSkip('missing'), the rest still read."""
+    """NoSuchKey between list and get -> ObjectSkip('missing'), the rest still read."""
     for name in ("a.jpg", "b.jpg"):
         s3_client.put_object(Bucket=bucket, Key=f"d/{name}", Body=b"ok")
     source = _open(s3_server, f"s3://{bucket}/d/")
@@ -215,7 +215,7 @@ def test_missing_bucket_fails_at_open(s3_server, s3_client):
 
 
 def test_no_credentials_fails_at_open_with_botocore_message(s3_server, monkeypatch, tmp_path):
-    """C11: no keys, no config files, no instance metadata -> 'Unable to locate credentials'."""
+    """No keys, no config files, no instance metadata -> 'Unable to locate credentials'."""
     for name in list(os.environ):
         if name.startswith("AWS_"):
             monkeypatch.delenv(name)
@@ -223,11 +223,11 @@ def test_no_credentials_fails_at_open_with_botocore_message(s3_server, monkeypat
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     with pytest.raises(sources.SourceError, match="Unable to locate credentials"):
-        sources.open_source("s3://any-bucket/data/", endpoint_url=s3_server["endpoint"])
+        _open(s3_server, "s3://any-bucket/data/")
 
 
 def test_endpoint_from_environment_is_honoured(s3_server, s3_client, bucket, monkeypatch):
-    """C12: no endpoint argument; AWS_ENDPOINT_URL_S3 alone points botocore at moto."""
+    """No endpoint argument; AWS_ENDPOINT_URL_S3 alone points botocore at moto."""
     s3_client.put_object(Bucket=bucket, Key="k.jpg", Body=b"1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server["endpoint"])
@@ -237,22 +237,78 @@ def test_endpoint_from_environment_is_honoured(s3_server, s3_client, bucket, mon
 
 
 def test_unreachable_endpoint_fails_at_open_in_bounded_time(s3_client):
-    """C7: connection refused -> SourceError naming the endpoint (few attempts, short timeout)."""
+    """Connection refused -> SourceError naming the endpoint (few attempts, short timeout)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(sources.SourceError, match=f"127.0.0.1:{port}"):
-        sources.open_source("s3://bucket/data/", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=2,
-                            connect_timeout=1)
+        sources.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url=f"http://127.0.0.1:{port}",
+                                                                       max_attempts=2, connect_timeout=1))
+
+
+# ---------------------------------------------------------------------------- attempts per request
+
+
+@pytest.fixture
+def aws_attempt_settings(monkeypatch, tmp_path):
+    """Sets AWS_MAX_ATTEMPTS and/or ``max_attempts`` in a test-local AWS config file (never ~/.aws)."""
+    def apply(variable: str | None = None, config_file: str | None = None):
+        config = tmp_path / "aws-config"
+        config.write_text("" if config_file is None else f"[default]\nmax_attempts = {config_file}\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        if variable is None:
+            monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+        else:
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", variable)
+    return apply
+
+
+@pytest.mark.parametrize("variable, config_file, option, expected", [
+    (None, None, None, sources.DEFAULT_MAX_ATTEMPTS),
+    ("2", None, None, 2),
+    (None, "3", None, 3),
+    ("2", "3", None, 2),  # botocore: the variable wins over the file
+    ("2", "3", 4, 4),  # --max-attempts wins over both
+], ids=["default", "env", "config_file", "env_over_file", "option_over_both"])
+def test_max_attempts_honours_aws_settings_unless_given(s3_server, s3_client, bucket, aws_attempt_settings,
+                                                        variable, config_file, option, expected):
+    """Without --max-attempts, AWS_MAX_ATTEMPTS or the config file's max_attempts decide (not our default)."""
+    aws_attempt_settings(variable, config_file)
+    source = _open(s3_server, f"s3://{bucket}/", max_attempts=option)
+    assert source.client.meta.config.retries == {"mode": "standard", "total_max_attempts": expected}
+    assert source.max_attempts == expected  # our own refetch loop (short bodies, checksums) agrees
+    output = sources.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+                                                                              max_attempts=option))
+    output.close()
+    assert output.client.meta.config.retries["total_max_attempts"] == expected
+
+
+def test_aws_max_attempts_bounds_the_requests_sent(s3_server, s3_client, bucket, aws_attempt_settings):
+    """AWS_MAX_ATTEMPTS=2 and no option: a key answered 503 on every attempt is requested twice."""
+    aws_attempt_settings(variable="2")
+    s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"ok")
+    source = _open(s3_server, f"s3://{bucket}/")
+    hook = CountingHook(lambda request: error_response(request, 503, "SlowDown"), fail_times=10**6)
+    source.client.meta.events.register("before-send.s3.GetObject", hook)
+    with pytest.raises(sources.ObjectSkip, match="2 attempts"):
+        source.read("a.jpg")
+    assert hook.calls == 2
+
+
+def test_malformed_aws_max_attempts_is_a_source_error(s3_server, aws_attempt_settings):
+    aws_attempt_settings(variable="many")
+    with pytest.raises(sources.SourceError, match="AWS_MAX_ATTEMPTS .* not a whole number.*--max-attempts"):
+        _open(s3_server, "s3://any-bucket/")
 
 
 # ---------------------------------------------------------------------------- injected faults
 
 
 def test_slowdown_below_max_attempts_is_retried_and_succeeds(s3_server, s3_client, bucket):
-    """C2: two 503 SlowDown answers, then the real object; retries are counted."""
+    """Two 503 SlowDown answers, then the real object; retries are counted."""
     s3_client.put_object(Bucket=bucket, Key="x/a.jpg", Body=b"payload")
     source = _open(s3_server, f"s3://{bucket}/x/", max_attempts=4)
     hook = CountingHook(lambda request: error_response(request, 503, "SlowDown"), fail_times=2)
@@ -263,7 +319,7 @@ def test_slowdown_below_max_attempts_is_retried_and_succeeds(s3_server, s3_clien
 
 
 def test_slowdown_exhausting_attempts_skips_key_naming_bucket_key_request_id(s3_server, s3_client, bucket):
-    """C3: 503 on every attempt -> ObjectSkip('download_failed') with bucket, key and request id."""
+    """503 on every attempt -> ObjectSkip('download_failed') with bucket, key and request id."""
     s3_client.put_object(Bucket=bucket, Key="x/a.jpg", Body=b"payload")
     source = _open(s3_server, f"s3://{bucket}/x/", max_attempts=3)
     hook = CountingHook(lambda request: error_response(request, 503, "SlowDown"), fail_times=10**6)
@@ -277,7 +333,7 @@ def test_slowdown_exhausting_attempts_skips_key_naming_bucket_key_request_id(s3_
 
 
 def test_500_is_retried(s3_server, s3_client, bucket):
-    """C4: a 500 InternalError is transient."""
+    """A 500 InternalError is transient."""
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"ok")
     source = _open(s3_server, f"s3://{bucket}/", max_attempts=3)
     hook = CountingHook(lambda request: error_response(request, 500, "InternalError"), fail_times=1)
@@ -287,7 +343,7 @@ def test_500_is_retried(s3_server, s3_client, bucket):
 
 @pytest.mark.parametrize("code", ["AccessDenied", "InvalidAccessKeyId", "ExpiredToken"])
 def test_403_is_not_retried_and_stops_the_run(s3_server, s3_client, bucket, code):
-    """C5: a 403 is fatal at once (one call), with an actionable message."""
+    """A 403 is fatal at once (one call), with an actionable message."""
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"ok")
     s3_client.put_object(Bucket=bucket, Key="b.jpg", Body=b"ok")
     source = _open(s3_server, f"s3://{bucket}/", max_attempts=5)
@@ -302,7 +358,7 @@ def test_403_is_not_retried_and_stops_the_run(s3_server, s3_client, bucket, code
 
 def test_403_on_listing_fails_at_open(s3_server, s3_client, bucket):
     source_hook = CountingHook(lambda request: error_response(request, 403, "AccessDenied"), fail_times=10**6)
-    client = sources.make_s3_client(s3_server["endpoint"], max_attempts=5)
+    client = s3.make_s3_client(sources.SourceOptions(endpoint_url=s3_server["endpoint"], max_attempts=5))
     client.meta.events.register("before-send.s3.ListObjectsV2", source_hook)
     with pytest.raises(sources.SourceError, match="AccessDenied"):
         sources.open_source(f"s3://{bucket}/", client=client)
@@ -315,7 +371,7 @@ class _ShortBody(io.BytesIO):
 
 
 def test_short_body_is_retried_then_succeeds(s3_server, s3_client, bucket):
-    """C9: a body shorter than its Content-Length -> IncompleteReadError -> our retry."""
+    """A body shorter than its Content-Length -> IncompleteReadError -> our retry."""
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"0123456789")
 
     def short(request):
@@ -353,7 +409,7 @@ def test_a_streak_of_failures_stops_fetch_many(s3_server, s3_client, bucket):
         list(source.fetch_many([f"{index}.jpg" for index in range(6)], threads=1))
 
 
-# ---------------------------------------------------------------------------- A4: corrupted in transit
+# ---------------------------------------------------------------------------- corrupted in transit
 
 
 def _corrupt_source(s3_server, s3_client, bucket, max_attempts=3, **kwargs):
@@ -367,7 +423,7 @@ def _corrupt_source(s3_server, s3_client, bucket, max_attempts=3, **kwargs):
 
 
 def test_body_corrupted_in_transit_fails_the_s3_checksum_and_is_refetched(s3_server, s3_client, bucket):
-    """A4a/C10: botocore checks the body against x-amz-checksum-crc32 (ChecksumMode=ENABLED) ->
+    """botocore checks the body against x-amz-checksum-crc32 (ChecksumMode=ENABLED) ->
     FlexibleChecksumError -> our retry gets the stored bytes."""
     clean, source = _corrupt_source(s3_server, s3_client, bucket)
     hook = CorruptInTransit(times=1)
@@ -377,7 +433,7 @@ def test_body_corrupted_in_transit_fails_the_s3_checksum_and_is_refetched(s3_ser
 
 
 def test_body_corrupted_in_transit_without_checksum_header_is_caught_by_the_etag(s3_server, s3_client, bucket):
-    """A4a: no x-amz-checksum-* header (older objects, other stores): the single-part ETag is the
+    """No x-amz-checksum-* header (older objects, other stores): the single-part ETag is the
     MD5 of the stored bytes, so the corrupt body is caught there and refetched."""
     clean, source = _corrupt_source(s3_server, s3_client, bucket)
     hook = CorruptInTransit(times=1, drop_checksum=True)
@@ -388,7 +444,7 @@ def test_body_corrupted_in_transit_without_checksum_header_is_caught_by_the_etag
 
 @pytest.mark.parametrize("drop_checksum", [False, True])
 def test_body_corrupted_on_every_attempt_is_a_recorded_skip(s3_server, s3_client, bucket, drop_checksum):
-    """A4a: corrupt on all attempts -> ObjectSkip('checksum_mismatch') naming the object; never returned."""
+    """Corrupt on all attempts -> ObjectSkip('checksum_mismatch') naming the object; never returned."""
     _, source = _corrupt_source(s3_server, s3_client, bucket, max_attempts=3)
     hook = CorruptInTransit(times=10**6, drop_checksum=drop_checksum)
     source.client.meta.events.register("before-send.s3.GetObject", hook)
@@ -455,7 +511,7 @@ def test_local_output_under_a_file_fails_fast(tmp_path):
 
 
 def test_s3_output_stages_then_uploads(s3_server, s3_client, bucket):
-    output = sources.open_output(f"s3://{bucket}/results", endpoint_url=s3_server["endpoint"])
+    output = sources.open_output(f"s3://{bucket}/results", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     output.prepare()
     (output.staging_dir / "a.txt").write_bytes(b"hello")
     output.publish(["a.txt"])
@@ -470,7 +526,8 @@ def test_s3_output_stages_then_uploads(s3_server, s3_client, bucket):
 
 
 def test_s3_output_missing_bucket_fails_at_prepare(s3_server, s3_client):
-    output = sources.open_output("s3://no-such-output-bucket/x/", endpoint_url=s3_server["endpoint"])
+    output = sources.open_output("s3://no-such-output-bucket/x/",
+                                 sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     try:
         with pytest.raises(sources.SourceError, match="does not exist"):
             output.prepare()

@@ -1,18 +1,21 @@
 """Training on data streamed from preprocess shards (bigger than memory): ``ShardedImages`` gives
 the same pixels as the loaded split, every row once per epoch in a shard-shuffled order, and
-dss_train.py --data-in-memory stream trains end to end (real subprocess, demo data)."""
+dss_train.py --data-in-memory stream trains end to end (real subprocess, demo data) and leaves no
+shard-reader thread behind (in process)."""
 
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from dss import dataset, loader
-from tests.conftest import DEMO_SHARDS as NUM_SHARDS, run_script
+import dss_train
+from dss import dataset, loader, streaming
+from tests.conftest import run_script
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,8 @@ def nchw(array: np.ndarray) -> torch.Tensor:
 
 
 def test_scan_keeps_metadata_not_images(demo_shards, loaded):
-    scanned = loader.scan_split(demo_shards, "train")
-    assert isinstance(scanned["images"], loader.ShardedImages)
+    scanned = streaming.scan_split(demo_shards, "train")
+    assert isinstance(scanned["images"], streaming.ShardedImages)
     assert scanned["images"].shape == loaded["images"].shape
     assert scanned["ids"] == list(loaded["ids"]) and scanned["sites"] == list(loaded["sites"])
     np.testing.assert_array_equal(scanned["labels"], loaded["labels"])
@@ -34,7 +37,7 @@ def test_scan_keeps_metadata_not_images(demo_shards, loaded):
 
 
 def test_every_row_once_per_epoch_in_a_shard_shuffled_order(demo_shards, loaded):
-    images = loader.scan_split(demo_shards, "train")["images"].to_device(torch.device("cpu"))
+    images = streaming.scan_split(demo_shards, "train")["images"].to_device(torch.device("cpu"))
     batch_size = 16
     generator = torch.Generator().manual_seed(0)
     epochs = []
@@ -56,7 +59,7 @@ def test_every_row_once_per_epoch_in_a_shard_shuffled_order(demo_shards, loaded)
 
 
 def test_slices_and_subsets_match_the_loaded_split(demo_shards, loaded):
-    images = loader.scan_split(demo_shards, "train")["images"]
+    images = streaming.scan_split(demo_shards, "train")["images"]
     subset_index = np.arange(0, len(images), 3)
     subset = images.subset(subset_index).to_device(torch.device("cpu"))
     expected = loaded["images"][subset_index]
@@ -69,11 +72,11 @@ def test_slices_and_subsets_match_the_loaded_split(demo_shards, loaded):
 
 def test_auto_streams_only_when_the_split_exceeds_the_host_memory_share():
     gib = 2**30
-    assert loader.choose_memory_mode("auto", split_bytes=4 * gib, host_bytes=16 * gib) == "device"
-    assert loader.choose_memory_mode("auto", split_bytes=9 * gib, host_bytes=16 * gib) == "stream"
-    assert loader.choose_memory_mode("host", split_bytes=9 * gib, host_bytes=1) == "host"
+    assert streaming.choose_memory_mode("auto", split_bytes=4 * gib, host_bytes=16 * gib) == "device"
+    assert streaming.choose_memory_mode("auto", split_bytes=9 * gib, host_bytes=16 * gib) == "stream"
+    assert streaming.choose_memory_mode("host", split_bytes=9 * gib, host_bytes=1) == "host"
     with pytest.raises(ValueError, match="memory mode must be one of"):
-        loader.choose_memory_mode("disk", split_bytes=1)
+        streaming.choose_memory_mode("disk", split_bytes=1)
 
 
 def test_training_on_streamed_shards(demo_shards, tmp_path):
@@ -91,3 +94,33 @@ def test_training_on_streamed_shards(demo_shards, tmp_path):
     np.testing.assert_allclose(val[class_names].sum(axis=1), 1.0, atol=1e-6)
     test = pd.read_csv(models / "test_predictions.csv")
     assert len(test) == len(dataset.load_split(demo_shards, "test")["ids"])
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("shard-reader")]
+
+
+def test_a_streamed_run_leaves_no_reader_thread(demo_shards, tmp_path, monkeypatch):
+    """Each streamed view reads its next shard in a background thread; the run must stop them all
+    when it ends, here in the process that called it (as a notebook or a sweep would). The test
+    keeps every view alive, as a caller holding on to one or a reference cycle would: CPython's
+    garbage collection of a dropped view would otherwise end its thread and hide a missing close."""
+    views = []
+    to_device = streaming.ShardedImages.to_device
+
+    def keep(self, device):
+        views.append(to_device(self, device))
+        return views[-1]
+
+    monkeypatch.setattr(streaming.ShardedImages, "to_device", keep)
+    assert not _reader_threads()
+    threads = torch.get_num_threads()
+    try:
+        code = dss_train.main(["--data-dir", str(demo_shards), "--model-dir", str(tmp_path / "models"),
+                               "--epochs", "1", "--batch-size", "16", "--weights", "none", "--num-threads", "1",
+                               "--data-in-memory", "stream"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0 and (tmp_path / "models" / "model.pth").is_file()
+    assert len(views) == 3  # train, validation and test images
+    assert not _reader_threads(), _reader_threads()

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import dss_train
-from dss import dataset
+from dss import dataset, engine, training, training_data
 from dss import model as model_lib
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
@@ -95,6 +95,8 @@ def test_every_output_is_written_with_the_contract_columns(reference):
                 "image_size", "device", "precision", "torch_version", "data_sha256", "checkpoint_dir"):
         assert key in config, key
     assert config["split_by"] == "site" and config["device"] == "cpu" and config["precision"] == "float32"
+    flags = list(vars(dss_train.parse_args([])))
+    assert list(config)[:len(flags)] == flags  # every flag in the parser's order, then what the run resolved
     assert config["epochs"] == 2 and config["batch_size"] == 16
 
 
@@ -242,12 +244,28 @@ def test_predict_only_refuses_data_of_another_image_size(reference, demo_pickles
     test = dataset.load_file(demo_pickles / "test_data.pkl")
     test["images"] = np.ascontiguousarray(test["images"][:, ::2, ::2])
     test["info"]["image_size"] = 16
-    dataset.save_split(tmp_path / "test_data.pkl", test)
+    (tmp_path / "test_data.pkl").write_bytes(pickle.dumps(dataset.validate(test), protocol=dataset.PICKLE_PROTOCOL))
     result = run_script("dss_train.py", ["--data-dir", tmp_path, "--model-dir", reference["models"],
                                          "--output-dir", tmp_path / "out", "--predict-only", "true"])
     assert result.returncode == 1
-    assert "16 px" in result.stderr and "--image-size 32" in result.stderr
+    assert "16 px" in result.stderr and "--image-size 32" in result.stderr and "model.pth" in result.stderr
     assert not (tmp_path / "out" / "test_predictions.csv").exists()
+
+
+def test_one_agreement_check_for_train_test_and_model_test():
+    """Training (train vs test split) and --predict-only (model vs test split) refuse the same mismatches."""
+    train = {"images": np.zeros((2, 32, 32, 3), np.uint8), "info": {"resize_policy": "squash"}, "class_names": ["a", "b"]}
+    test = {"images": np.zeros((1, 16, 16, 3), np.uint8), "info": {"resize_policy": "crop"}, "class_names": ["b", "a"]}
+    with pytest.raises(dataset.DatasetError) as error:
+        training_data.check_agreement(test, training_data.preprocessing_of(train), "d (test)", "d (train)")
+    message = str(error.value)
+    assert message.startswith("d (test) does not match d (train): ")
+    assert "stored at 16 px but d (train) has 32 px images (re-run preprocess.py with --image-size 32)" in message
+    assert "resize policy is 'crop' but d (train) has 'squash'" in message
+    assert "class names are ['b', 'a'] but d (train) has ['a', 'b']" in message
+    # An unlabelled split without class names, or a pickle without a resize policy, passes on those points.
+    unlabelled = {"images": np.zeros((1, 32, 32, 3), np.uint8), "info": {}, "class_names": []}
+    training_data.check_agreement(unlabelled, training_data.preprocessing_of(train), "d (test)", "d (train)")
 
 
 def test_predict_only_without_a_model_is_a_clear_error(demo_pickles, tmp_path):
@@ -283,6 +301,18 @@ def test_bad_arguments_are_errors(argv, capsys):
     with pytest.raises(SystemExit) as error:
         dss_train.parse_args(argv)
     assert error.value.code == 2
+
+
+def test_settings_keep_every_flag_in_the_parsers_order():
+    """config.json lists the flags in the parser's order: the settings object must mirror it."""
+    args = dss_train.parse_args(["--weights", "none"])
+    settings = training.Settings.from_args(args)
+    assert list(settings.flags()) == list(vars(args))
+    assert dss_train.build_parser()._option_string_actions["--optimizer"].choices == engine.OPTIMIZERS
+    fingerprint_settings = settings.recipe("site")
+    assert list(fingerprint_settings) == ["epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
+                                          "warmup_epochs", "label_smoothing", "class_weights", "weights", "seed",
+                                          "val_fraction", "split_by"]
 
 
 def test_help_explains_every_flag_with_its_default():
@@ -365,7 +395,7 @@ def test_imagenet_download_from_a_silent_network_times_out(tmp_path, monkeypatch
             monkeypatch.setenv(name, proxy)
         monkeypatch.setenv("TORCH_HOME", str(tmp_path))
         with pytest.raises(model_lib.WeightsError, match="--weights none"):
-            dss_train.build_network(3, "imagenet", download_timeout_s=1.0)
+            training.build_network(3, "imagenet", download_timeout_s=1.0)
     assert socket.getdefaulttimeout() is None
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench import fuzz
-from dss import dataset, images, labels
+from dss import dataset, labels
 from tests.conftest import run_script
 
 SIZE = 16

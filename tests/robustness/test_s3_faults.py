@@ -1,4 +1,4 @@
-"""C-rows not covered row by row in tests/test_sources.py / tests/test_preprocess.py (see ROWS.md).
+"""S3 rows of ROWS.md not covered row by row in tests/test_sources.py / tests/test_preprocess.py.
 
 Real parts: the moto S3 server over HTTP (conftest ``s3_server``), and for faults moto cannot
 produce (a server that never answers, a connection dropped mid-body) a small scripted HTTP server
@@ -14,10 +14,11 @@ import subprocess
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from dss import dataset, sources
+from dss import dataset, s3, sources
 from tests.conftest import FAKE_AWS_ENV, PYTHON, clean_env, run_script
 from tests.test_sources import CountingHook, error_response
 
@@ -131,19 +132,20 @@ def s3_dataset(s3_client, bucket, demo_data) -> str:
     return f"s3://{bucket}/data/"
 
 
-# ---------------------------------------------------------------------------- C4
+# ---------------------------------------------------------------------------- 5xx answers
 @pytest.mark.parametrize("status, code", [(502, "BadGateway"), (503, "ServiceUnavailable"), (504, "GatewayTimeout")])
 def test_c4_5xx_answers_are_retried(s3_server, s3_client, bucket, status, code):
     """(500 is in tests/test_sources.py::test_500_is_retried.) Two 5xx answers, then the object."""
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"ok")
-    source = sources.open_source(f"s3://{bucket}/", endpoint_url=s3_server["endpoint"], max_attempts=3)
+    source = sources.open_source(f"s3://{bucket}/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+                                                                          max_attempts=3))
     hook = CountingHook(lambda request: error_response(request, status, code), fail_times=2)
     source.client.meta.events.register("before-send.s3.GetObject", hook)
     assert source.read("a.jpg") == b"ok"
     assert hook.calls == 3 and source.stats.retries == 2
 
 
-# ---------------------------------------------------------------------------- C7
+# ---------------------------------------------------------------------------- unreachable endpoint
 @pytest.mark.timeout(120)
 def test_c7_unknown_host_fails_at_open_naming_the_endpoint(monkeypatch):
     """DNS failure (the reserved .invalid TLD never resolves): SourceError at open, nothing else."""
@@ -151,24 +153,43 @@ def test_c7_unknown_host_fails_at_open_naming_the_endpoint(monkeypatch):
         monkeypatch.setenv(key, value)
     endpoint = "http://dss-no-such-host.invalid:9000"
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://bucket/data/", endpoint_url=endpoint, max_attempts=1, connect_timeout=2)
+        sources.open_source("s3://bucket/data/",
+                            sources.SourceOptions(endpoint_url=endpoint, max_attempts=1, connect_timeout=2))
     assert "EndpointConnectionError" in str(error.value) and "dss-no-such-host.invalid" in str(error.value)
 
 
-# ---------------------------------------------------------------------------- C8
+# ---------------------------------------------------------------------------- a server that never answers
 @pytest.mark.timeout(120)
 def test_c8_server_never_answers_the_probe_read_timeout_after_all_attempts(scripted):
     scripted.hang_lists = True
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://b/d/", endpoint_url=scripted.endpoint, max_attempts=2, read_timeout=0.5,
-                            connect_timeout=2)
+        sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
+                                                               read_timeout=0.5, connect_timeout=2))
     assert "ReadTimeoutError" in str(error.value) and scripted.endpoint in str(error.value)
     assert scripted.requests["list"] == 2  # the configured attempts, then the error
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("flag, expected", [([], 2), (["--max-attempts", "3"], 3)], ids=["env", "flag_wins"])
+def test_preprocess_takes_attempts_from_aws_max_attempts_unless_the_flag_is_given(scripted, tmp_path, flag,
+                                                                                  expected):
+    """preprocess.py with AWS_MAX_ATTEMPTS=2 against a server that never answers the probe: two
+    attempts without --max-attempts (botocore's setting is honoured), the flag's number with it."""
+    scripted.hang_lists = True
+    config_file = tmp_path / "aws-config"
+    config_file.write_text("")
+    env = clean_env(**FAKE_AWS_ENV, AWS_MAX_ATTEMPTS="2", AWS_CONFIG_FILE=str(config_file))
+    result = run_script("preprocess.py", ["--input", "s3://b/d/", "--output-dir", tmp_path / "out",
+                                          "--endpoint-url", scripted.endpoint, "--read-timeout", "0.5",
+                                          "--workers", "1", *flag], env=env, timeout=110)
+    assert result.returncode == 2 and "ReadTimeoutError" in result.stderr, result.stdout + result.stderr
+    assert scripted.requests["list"] == expected
+
+
+@pytest.mark.timeout(120)
 def test_c8_server_never_answers_a_get_is_a_recorded_skip(scripted):
-    source = sources.open_source("s3://b/d/", endpoint_url=scripted.endpoint, max_attempts=3, read_timeout=0.5)
+    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
+                                                                    read_timeout=0.5))
     results = dict(source.fetch_many(["a.jpg"], threads=1))
     skip = results["a.jpg"]
     assert isinstance(skip, sources.ObjectSkip) and skip.reason == "download_failed"
@@ -176,12 +197,13 @@ def test_c8_server_never_answers_a_get_is_a_recorded_skip(scripted):
     assert scripted.requests["get"] == 3
 
 
-# ---------------------------------------------------------------------------- C9
+# ---------------------------------------------------------------------------- connection dropped mid-body
 @pytest.mark.timeout(120)
 def test_c9_connection_dropped_mid_body_is_retried_then_read(scripted):
     """A real socket closed after 40 of 100 promised bytes (not a hook): our retry gets the object."""
     scripted.get_mode, scripted.faulty_gets = "drop", 1
-    source = sources.open_source("s3://b/d/", endpoint_url=scripted.endpoint, max_attempts=3, read_timeout=5)
+    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
+                                                                    read_timeout=5))
     assert source.read("a.jpg") == BODY
     assert scripted.requests["get"] == 2 and source.stats.body_retries == 1
 
@@ -189,14 +211,15 @@ def test_c9_connection_dropped_mid_body_is_retried_then_read(scripted):
 @pytest.mark.timeout(120)
 def test_c9_connection_dropped_every_time_is_a_recorded_skip(scripted):
     scripted.get_mode = "drop"
-    source = sources.open_source("s3://b/d/", endpoint_url=scripted.endpoint, max_attempts=2, read_timeout=5)
+    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
+                                                                    read_timeout=5))
     with pytest.raises(sources.ObjectSkip) as skip:
         source.read("a.jpg")
     assert skip.value.reason == "download_failed" and "incomplete" in str(skip.value)
     assert "2 attempts" in str(skip.value)
 
 
-# ---------------------------------------------------------------------------- C11
+# ---------------------------------------------------------------------------- credentials and region
 def no_aws_env(tmp_path, **variables: str) -> dict:
     """A subprocess environment with no AWS setting but ``variables``: no keys, no region, empty
     config and credentials files (so ~/.aws is not read), no instance metadata."""
@@ -223,11 +246,11 @@ def assert_failed_before_any_work(result, out, *messages: str) -> None:
 ], ids=["key_id_only", "secret_only"])
 def test_c11_partial_credentials_fail_before_any_work(s3_server, s3_dataset, tmp_path, variables, botocore_message,
                                                       hint):
-    """The same data set and endpoint run fine with both halves (the C12/C13 run above)."""
+    """The same data set and endpoint run fine with both halves (the end-to-end run below)."""
     env = no_aws_env(tmp_path, AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=s3_server["endpoint"], **variables)
     out = tmp_path / "out"
     result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", out, "--workers", "1"], env=env)
-    assert_failed_before_any_work(result, out, botocore_message, hint, sources.CREDENTIALS_HELP)
+    assert_failed_before_any_work(result, out, botocore_message, hint, s3.CREDENTIALS_HELP)
 
 
 def test_c11_partial_credentials_for_an_s3_output_fail_before_reading_the_input(s3_server, s3_client, bucket,
@@ -265,7 +288,7 @@ def test_c11_no_region_against_aws_uses_us_east_1_and_the_global_endpoint(monkey
     for name, value in no_aws_env(tmp_path, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s").items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
-    client = sources.make_s3_client()
+    client = s3.make_s3_client()
     assert (client.meta.region_name, client.meta.endpoint_url) == ("us-east-1", "https://s3.amazonaws.com")
 
 
@@ -287,24 +310,24 @@ def test_c11_empty_or_malformed_region_fails_before_any_work_naming_aws_default_
         env["AWS_CONFIG_FILE"] = str(config_file)
     out = tmp_path / "out"
     result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", out, "--workers", "1"], env=env)
-    assert_failed_before_any_work(result, out, "AWS_DEFAULT_REGION", sources.REGION_HELP)
+    assert_failed_before_any_work(result, out, "AWS_DEFAULT_REGION", s3.REGION_HELP)
 
 
-# ---------------------------------------------------------------------------- C12
+# ---------------------------------------------------------------------------- endpoint
 def test_c12_endpoint_url_without_a_scheme_is_a_clear_error(monkeypatch):
     for key, value in FAKE_AWS_ENV.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://bucket/data/", endpoint_url="localhost:9000")
+        sources.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url="localhost:9000"))
     assert "Invalid endpoint: localhost:9000" in str(error.value) and "--endpoint-url" in str(error.value)
 
 
-# ---------------------------------------------------------------------------- C13
+# ---------------------------------------------------------------------------- request checksums
 def _put_headers(monkeypatch, s3_server, bucket, when_required: bool, tmp_path) -> list[dict]:
     monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
     if when_required:
         monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    output = sources.open_output(f"s3://{bucket}/out/", endpoint_url=s3_server["endpoint"])
+    output = sources.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     seen = []
     output.client.meta.events.register("before-send.s3.PutObject",
                                        lambda request, **kwargs: seen.append(dict(request.headers.items())))
@@ -330,7 +353,7 @@ def test_c13_when_required_sends_no_default_checksums(s3_server, s3_client, buck
     assert s3_client.get_object(Bucket=bucket, Key="out/x.txt")["Body"].read() == b"hello"
 
 
-# ---------------------------------------------------------------------------- C12 + C13 end to end
+# ---------------------------------------------------------------------------- endpoint and checksums end to end
 def test_c12_c13_subprocess_run_with_endpoint_url_s3_and_when_required(s3_server, s3_client, bucket, s3_dataset,
                                                                       tmp_path):
     """preprocess.py with AWS_ENDPOINT_URL_S3 only (no AWS_ENDPOINT_URL, no --endpoint-url) and

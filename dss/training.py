@@ -1,0 +1,313 @@
+"""The parts of a training run that dss_train.py's ``train`` puts together, each built in one place:
+the settings (flags with the paths resolved) and the three records derived from them (config.json,
+the checkpoint fingerprint, the artifact's hyperparameters), the device and seeds, the network,
+loss and schedule, the SIGTERM stop flag, and the per-epoch record and log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import signal
+import socket
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dss import distributed, engine, fileio, loader, outputs, sagemaker
+from dss import model as model_lib
+from dss.cli import log
+
+if TYPE_CHECKING:
+    from dss.checkpoint import TrainingState
+    from dss.training_data import TrainingData
+
+# Seconds a socket operation of the ImageNet weights download may stall (not the whole download):
+# torch.hub's urlopen has no timeout, so a network that drops packets would hang the job forever.
+WEIGHTS_DOWNLOAD_TIMEOUT_S = 60.0
+# The flags that decide what the weights become: a checkpoint made with other values cannot
+# continue this run (with the validation split's ``split_by``, they are the checkpoint
+# fingerprint's settings), and model.pth records them as its hyperparameters.
+RECIPE = ("epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
+          "class_weights", "weights", "seed", "val_fraction")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, no GPU when one was asked for...)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM arrived; a checkpoint was saved when there is a checkpoint dir."""
+
+    @classmethod
+    def at(cls, epoch: int, step_in_epoch: int, steps_per_epoch: int, saved: bool) -> TrainingInterrupted:
+        where = f"stopped by SIGTERM in epoch {epoch} at step {step_in_epoch} of {steps_per_epoch}"
+        what = ("checkpoint saved, re-run with the same --checkpoint-dir to resume" if saved
+                else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"{where}; {what}")
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """dss_train.py's flags, in the parser's order (config.json keeps it), with the four paths
+    resolved. Units: learning rate per step at the peak, warm-up in epochs, sizes in px, batch
+    sizes in images per process."""
+
+    data_dir: Path
+    model_dir: Path
+    output_dir: Path
+    checkpoint_dir: Path | None
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    weight_decay: float
+    warmup_epochs: float
+    label_smoothing: float
+    class_weights: str
+    patience: int
+    weights: str
+    image_size: int | None
+    seed: int
+    val_fraction: float
+    split_by: str | None
+    predict_only: bool
+    device: str
+    compile: bool
+    tta: bool
+    data_in_memory: str
+    eval_batch_size: int
+    num_threads: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        """Paths: a flag wins; then SageMaker's SM_* variables; then the local defaults."""
+        model_dir = args.model_dir or sagemaker.model_dir() or "./models"
+        sagemaker_output = sagemaker.output_data_dir() if sagemaker.under_sagemaker() else None
+        checkpoint_dir = args.checkpoint_dir or sagemaker.checkpoint_dir()
+        paths = {"data_dir": Path(args.data_dir or sagemaker.training_channel() or "./output"),
+                 "model_dir": Path(model_dir), "output_dir": Path(args.output_dir or sagemaker_output or model_dir),
+                 "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
+        return cls(**{**vars(args), **paths})
+
+    def recipe(self, split_by: str) -> dict:
+        """The ``RECIPE`` flags and the validation split's resolved ``split_by``."""
+        return {**{name: getattr(self, name) for name in RECIPE}, "split_by": split_by}
+
+    def flags(self) -> dict:
+        """Every flag in the parser's order, paths as strings."""
+        values = {item.name: getattr(self, item.name) for item in fields(self)}
+        return {name: str(value) if isinstance(value, Path) else value for name, value in values.items()}
+
+
+def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: distributed.Context) -> dict:
+    """What a checkpoint must have been made with to continue this run."""
+    fingerprint = {"dataset_sha256": data.sha256, "num_classes": data.num_classes, "class_names": data.class_names,
+                   "stored_image_size": data.stored_size, "image_size": data.input_size,
+                   **settings.recipe(data.split_by)}
+    if context.enabled:
+        # Another process count draws other batches: its checkpoints cannot continue this run.
+        fingerprint["world_size"] = context.world_size
+    return fingerprint
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps per epoch, of linear warm-up and in all. ``--batch-size`` is per process
+    (as in torchvision's references): one step trains on batch_size * world_size images."""
+
+    steps_per_epoch: int
+    warmup_steps: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, settings: Settings, num_train_images: int, world_size: int) -> Schedule:
+        steps_per_epoch = loader.num_train_batches(num_train_images, settings.batch_size * world_size)
+        return cls(steps_per_epoch, int(round(settings.warmup_epochs * steps_per_epoch)),
+                   steps_per_epoch * settings.epochs)
+
+
+def run_config(settings: Settings, data: TrainingData, context: distributed.Context, schedule: Schedule,
+               resumed_from: Path | None) -> dict:
+    """config.json: every flag, then what this run resolved from them (saved next to the model)."""
+    return {
+        **settings.flags(),
+        "split_by": data.split_by, "image_size": data.input_size, "stored_image_size": data.stored_size,
+        "resize_policy": data.resize_policy, "device": str(context.device),
+        "precision": precision_name(context.device), "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "data_sha256": data.sha256, "class_names": data.class_names,
+        "num_train_images": int(len(data.train_index)), "num_val_images": int(len(data.val_index)),
+        "num_test_images": data.num_test_images, "steps_per_epoch": schedule.steps_per_epoch,
+        "warmup_steps": schedule.warmup_steps, "resumed_from": str(resumed_from) if resumed_from else None,
+        "memory_mode": data.memory_mode, "world_size": context.world_size,
+        "global_batch_size": settings.batch_size * context.world_size,
+    }
+
+
+def run_result(settings: Settings, state: TrainingState, data: TrainingData, test: tuple, config: dict
+               ) -> outputs.RunResult:
+    """Everything the outputs need from a finished run; ``test``: (probs float64 (N_test, C) or
+    None, the test summary's extra fields)."""
+    hyperparameters = {**settings.recipe(data.split_by), "tta": settings.tta, "best_epoch": state.best["epoch"]}
+    return outputs.RunResult(
+        model_dir=settings.model_dir, output_dir=settings.output_dir, data_dir=settings.data_dir,
+        history=state.history, best=state.best, best_model=state.best_model, best_val_probs=state.best_val_probs,
+        train=data.train, is_val=data.is_val, test=data.test, test_probs=test[0], test_info=test[1],
+        prior=data.prior, class_names=data.class_names, preprocessing=data.preprocessing(), config=config,
+        hyperparameters=hyperparameters)
+
+
+# --------------------------------------------------------------------------- device, seeds, files
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was given but torch sees no GPU; use --device auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def precision_name(device: torch.device) -> str:
+    amp_dtype, _ = engine.select_precision(device)
+    return str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
+
+
+def describe_device(context: distributed.Context, batch_size: int) -> str:
+    device = context.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    text = f"device: {device} ({name}), precision: {precision_name(device)}, torch {torch.__version__}"
+    if context.enabled:
+        text += (f"; DDP: {context.world_size} processes ({context.backend}), global batch "
+                 f"{batch_size * context.world_size}")
+    return text
+
+
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed torch, numpy and python; return the generator (on ``device``) that draws batches and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sweep_leftovers(folders: list[Path]) -> None:
+    """Temp files and staging folders left in the output folders by runs that were killed."""
+    for folder in dict.fromkeys(folders):
+        for path in fileio.sweep_stale(folder):
+            log.info(f"removed {path} (left by a run that was killed)")
+
+
+# --------------------------------------------------------------------------- network and loss
+def build_network(num_classes: int, weights: str, download_timeout_s: float = WEIGHTS_DOWNLOAD_TIMEOUT_S
+                  ) -> torch.nn.Module:
+    """dss.model.build_model with a socket timeout while torchvision may download weights."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(download_timeout_s)
+    try:
+        return model_lib.build_model(num_classes, weights)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def to_device(network: torch.nn.Module, context: distributed.Context) -> torch.nn.Module:
+    network = network.to(context.device)
+    # DDP also on the CPU: its gradient buckets take the parameters' layout, which must match the
+    # channels_last gradients that channels_last batches produce.
+    if context.device.type == "cuda" or context.enabled:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def wrap(network: torch.nn.Module, compile_model: bool, context: distributed.Context
+         ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(what the training steps call, what evaluation calls): ``network`` torch.compile'd when
+    asked; under DDP the first is wrapped in DistributedDataParallel, while evaluation runs the
+    module itself (the ranks predict different numbers of batches, and a DDP forward would wait
+    for the others). Both share ``network``'s parameters."""
+    if compile_model:
+        network = torch.compile(network)
+    if not context.enabled:
+        return network, network
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids), network
+
+
+def make_loss(labels: np.ndarray, num_classes: int, class_weights: str, label_smoothing: float,
+              device: torch.device) -> torch.nn.Module:
+    """Cross-entropy; ``class_weights='balanced'`` weights it by inverse class frequency in ``labels``."""
+    weight = None
+    if class_weights == "balanced":
+        weight = torch.as_tensor(engine.class_weights_balanced(labels, num_classes), dtype=torch.float32,
+                                 device=device)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------- stopping
+class StopFlag:
+    """Set by SIGTERM (SageMaker spot interruption, ``docker stop``); training stops at the next step.
+
+    ``with StopFlag(context) as stop_requested:`` installs the handler for the block (from the main
+    thread only; Python delivers signals there) and ``stop_requested()`` is the poll the training
+    loop calls once per step on every rank. Under DDP all ranks must stop at the same step, so every
+    ``every_steps`` calls the ranks agree (one small all-reduce) whether any of them got SIGTERM.
+    """
+
+    def __init__(self, context: distributed.Context, every_steps: int = 8):
+        self.context, self.every_steps = context, every_steps
+        self.event = threading.Event()
+        self.previous = None
+        self.calls = 0
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        log.info("SIGTERM received: stopping at the next step and saving a checkpoint")
+        self.event.set()
+
+    def __call__(self) -> bool:
+        if not self.context.enabled:
+            return self.event.is_set()
+        self.calls += 1
+        return self.calls % self.every_steps == 0 and distributed.any_rank(self.context, self.event.is_set())
+
+
+# --------------------------------------------------------------------------- per-epoch records
+def epoch_record(epoch: int, train_stats: dict, eval_stats: dict, lr: float, epoch_seconds: float) -> dict:
+    """One row of metrics.csv (``outputs.EPOCH_FIELDS``, in that order)."""
+    return {
+        "epoch": epoch,
+        "train_loss": float(train_stats["train_loss"]),
+        "train_acc": float(train_stats["train_acc"]),
+        "val_loss": float(eval_stats["val_loss"]),
+        "val_logloss": float(eval_stats["val_logloss"]),
+        "val_acc": float(eval_stats["val_acc"]),
+        "lr": float(lr),
+        "epoch_seconds": float(epoch_seconds),
+        "train_images_per_s": float(train_stats["train_images_per_s"]),
+    }
+
+
+def epoch_lines(record: dict, epochs: int, improved: bool) -> list[str]:
+    """The log lines of an epoch: a summary, the per-class F1 scores and the [METRICS] line."""
+    summary = (f"epoch {record['epoch']}/{epochs}: train_loss {record['train_loss']:.4f} "
+               f"acc {record['train_acc']:.4f} | val_loss {record['val_loss']:.4f} "
+               f"logloss {record['val_logloss']:.4f} acc {record['val_acc']:.4f} | lr {record['lr']:.2e} | "
+               f"{record['epoch_seconds']:.1f} s, {record['train_images_per_s']:.0f} img/s"
+               + (" | best" if improved else ""))
+    per_class = "per-class F1: " + ", ".join(f"{entry['class']} {entry['f1']:.2f}" for entry in record["per_class"])
+    return [summary, per_class, outputs.metrics_line(record)]

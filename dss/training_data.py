@@ -1,0 +1,203 @@
+"""The data of one training run: the train split and the optional test split, loaded whole or
+streamed from their shards, checked to agree, split into train and validation, and placed where
+batches are cheap to draw.
+
+``with load(settings, device) as data:`` owns them for the run. Streamed images read their shards
+in a background thread each (dss.streaming); leaving the block stops those threads, whether the
+run finished, failed or was stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dss import checkpoint, dataset, loader, split, streaming
+from dss.cli import log
+from dss.training import Settings
+
+
+def preprocessing_of(data: dict) -> dict:
+    """What two splits seen by one model must share: stored image (H, W) in px, resize policy
+    (None when the pickle does not say) and class names."""
+    return {"image_shape": tuple(int(side) for side in data["images"].shape[1:3]),
+            "resize_policy": data["info"].get("resize_policy"), "class_names": list(data["class_names"])}
+
+
+def _px(shape: tuple[int, int]) -> str:
+    return f"{shape[0]} px" if shape[0] == shape[1] else f"{shape[0]}x{shape[1]} px"
+
+
+def check_agreement(data: dict, expected: dict, source: str, reference: str) -> None:
+    """Refuse the split ``data`` (read from ``source``) when it was preprocessed otherwise than
+    ``expected`` (``preprocessing_of`` the split or model named ``reference``) says: another
+    image size, resize policy or class list would give silently wrong predictions. An unlabelled
+    split without class names, or a pickle without a resize policy, passes on those points."""
+    seen, problems = preprocessing_of(data), []
+    if seen["image_shape"] != tuple(expected["image_shape"]):
+        problems.append(f"images are stored at {_px(seen['image_shape'])} but {reference} has "
+                        f"{_px(expected['image_shape'])} images (re-run preprocess.py with --image-size "
+                        f"{expected['image_shape'][0]})")
+    if seen["resize_policy"] is not None and expected["resize_policy"] not in (None, seen["resize_policy"]):
+        problems.append(f"resize policy is {seen['resize_policy']!r} but {reference} has {expected['resize_policy']!r}")
+    if seen["class_names"] and seen["class_names"] != expected["class_names"]:
+        problems.append(f"class names are {seen['class_names']} but {reference} has {expected['class_names']}")
+    if problems:
+        raise dataset.DatasetError(f"{source} does not match {reference}: " + "; ".join(problems))
+
+
+def fingerprint(data: dict) -> str:
+    """sha256 identifying a train split for checkpoints. A streamed split's pixels were hashed
+    shard by shard while scanning, so its fingerprint differs from the loaded split's (a checkpoint
+    is resumed in the memory mode that wrote it)."""
+    images = data["images"]
+    if isinstance(images, streaming.ShardedImages):
+        empty = np.zeros((0, images.height, images.width, 3), dtype=np.uint8)
+        rest = checkpoint.dataset_fingerprint(empty, data["ids"], data["labels"], data["class_names"], data["sites"])
+        return hashlib.sha256(f"stream:{data['images_sha256']}:{rest}".encode()).hexdigest()
+    return checkpoint.dataset_fingerprint(images, data["ids"], data["labels"], data["class_names"], data["sites"])
+
+
+def choose_split_by(requested: str | None, sites: list[str]) -> str:
+    """``requested``, else 'site' when the images come from two or more known sites, else 'random'."""
+    has_sites = all(sites) and len(set(sites)) >= 2
+    if requested is None:
+        if has_sites:
+            return "site"
+        log.info("note: the training data has no camera sites; using a random validation split "
+                 "(its score is optimistic for new sites)")
+        return "random"
+    return requested
+
+
+def _read_split(data_dir: Path, name: str, streamed: bool) -> dict:
+    return streaming.scan_split(data_dir, name) if streamed else dataset.load_split(data_dir, name)
+
+
+def _read_optional_test(data_dir: Path, streamed: bool) -> dict | None:
+    """The test split, or None when preprocess wrote train data only (training goes on without
+    test predictions)."""
+    try:
+        return _read_split(data_dir, "test", streamed)
+    except FileNotFoundError:
+        log.info(f"note: no test_data.pkl in {data_dir}: training without test predictions "
+                 "(test_predictions.csv is not written; use --predict-only on a folder with test data later)")
+        return None
+
+
+@dataclass
+class TrainingData:
+    """A run's splits (``dataset.load_split`` dicts; images a ``ShardedImages`` when streamed),
+    how they are held (``memory_mode``: 'device', 'host' or 'stream'), the network input size in
+    px, the validation split (``is_val``: bool (N,), True = validation) and the train split's
+    ``sha256`` fingerprint. A context manager: leaving it closes every streamed view it placed."""
+
+    train: dict
+    test: dict | None
+    memory_mode: str
+    device: torch.device
+    input_size: int
+    split_by: str
+    is_val: np.ndarray
+    sha256: str
+    _placed: list = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.train["labels"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train["class_names"])
+
+    @property
+    def train_index(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_val)
+
+    @property
+    def val_index(self) -> np.ndarray:
+        return np.flatnonzero(self.is_val)
+
+    @property
+    def num_test_images(self) -> int:
+        return len(self.test["ids"]) if self.test is not None else 0
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the stored images, px."""
+        return int(self.train["images"].shape[1])
+
+    @property
+    def resize_policy(self) -> str:
+        return str(self.train["info"].get("resize_policy", "squash"))
+
+    @property
+    def prior(self) -> np.ndarray:
+        """float64 (C,): each class's share of the labelled training images (the prediction for a
+        test image preprocess skipped)."""
+        counts = np.bincount(self.labels, minlength=self.num_classes).astype(np.float64)
+        return counts / counts.sum()
+
+    def preprocessing(self) -> dict:
+        """Stored in model.pth, so inference preprocesses images exactly as training did."""
+        return {"image_size": self.input_size, "stored_image_size": self.stored_size,
+                "resize_policy": self.resize_policy,
+                "mean": list(loader.IMAGENET_MEAN), "std": list(loader.IMAGENET_STD), "channels": "RGB",
+                "class_prior": self.prior.tolist()}
+
+    def place(self, images, index: np.ndarray | None = None):
+        """The rows ``index`` (all when None) of a split's images, ready to batch on the device:
+        a ``ShardedImages`` view for streamed data, else a ``DeviceImages`` on the device ('device';
+        pinned host memory when it does not fit) or in pinned host memory ('host')."""
+        if isinstance(images, streaming.ShardedImages):
+            view = (images if index is None else images.subset(index)).to_device(self.device)
+            self._placed.append(view)
+            return view
+        chosen = images if index is None else images[index]
+        return loader.DeviceImages(chosen, self.device, resident=False if self.memory_mode == "host" else None)
+
+    def close(self) -> None:
+        """Stop the reader thread of every streamed view placed."""
+        for view in self._placed:
+            view.close()
+        self._placed.clear()
+
+    def __enter__(self) -> TrainingData:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load(settings: Settings, device: torch.device) -> TrainingData:
+    """Read the splits in ``settings.data_dir`` as the settings ask: in memory or streamed
+    (``data_in_memory``), the network input size (``image_size``) and the validation split
+    (``split_by``, ``val_fraction``, ``seed``). Logs what it found."""
+    data_dir = settings.data_dir
+    split_bytes = sum(path.stat().st_size for path in dataset.find_split_files(data_dir, "train"))
+    memory_mode = streaming.choose_memory_mode(settings.data_in_memory, split_bytes)
+    streamed = memory_mode == "stream"
+    train = _read_split(data_dir, "train", streamed)
+    if train["labels"] is None:
+        raise dataset.DatasetError(f"{data_dir}: the train split has no labels")
+    test = _read_optional_test(data_dir, streamed)
+    if test is not None:
+        check_agreement(test, preprocessing_of(train), f"{data_dir} (test)", f"{data_dir} (train)")
+    stored_size = int(train["images"].shape[1])
+    input_size = settings.image_size or stored_size
+    log.info(f"data: {len(train['labels'])} train images, {len(test['ids']) if test is not None else 0} test images, "
+             f"{len(train['class_names'])} classes, stored {stored_size} px, network input {input_size} px; "
+             f"images in memory: {memory_mode} (train pickles {split_bytes / 2**20:.1f} MiB)")
+    sha256 = fingerprint(train)
+    split_by = choose_split_by(settings.split_by, train["sites"])
+    is_val = split.make_split(train["labels"], train["sites"], settings.val_fraction, settings.seed, split_by)
+    log.info(f"split by {split_by}: {int((~is_val).sum())} train / {int(is_val.sum())} validation images")
+    return TrainingData(train, test, memory_mode, device, input_size, split_by, is_val, sha256)
