@@ -10,7 +10,7 @@ DEMO_MODELS := models
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-mlflow.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -39,11 +39,16 @@ fuzz: venv
 	$(PY) bench/fuzz.py --cases $(FUZZ_CASES)
 
 # A lean SageMaker source_dir: the two scripts, the package and requirements; never .venv or data.
+# WITH_MLFLOW=1 adds mlflow and the sagemaker-mlflow plugin (SageMaker managed MLflow) to its requirements.
 sagemaker-source:
 	rm -rf build/sagemaker-source
 	mkdir -p build/sagemaker-source
 	cp preprocess.py dss_train.py requirements.txt build/sagemaker-source/
 	cp -r dss build/sagemaker-source/dss
+ifdef WITH_MLFLOW
+	grep -v '^#' requirements-mlflow.txt >> build/sagemaker-source/requirements.txt
+	echo 'sagemaker-mlflow' >> build/sagemaker-source/requirements.txt
+endif
 	find build/sagemaker-source -name '__pycache__' -prune -exec rm -rf {} +
 	@echo "source_dir ready: build/sagemaker-source"
 

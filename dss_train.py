@@ -1,20 +1,19 @@
-"""Fine-tune a torchvision ResNet18 on preprocess.py's pickles; write the model, metrics, plots
-and test predictions. Also the SageMaker script-mode entry point and hosting script.
+"""Fine-tune a torchvision network (--arch, default ResNet18) on preprocess.py's pickles; write the
+model, metrics, plots and test predictions. Also the SageMaker script-mode entry point and hosting script.
 
 Local runs (after ``python preprocess.py --output-dir ./output``):
 
     python dss_train.py --data-dir ./output --model-dir ./models --epochs 10 --batch-size 32 --learning-rate 0.001
     python dss_train.py --data-dir ./output --model-dir ./models --weights none --epochs 3      # offline
     python dss_train.py --data-dir ./output --model-dir ./models --checkpoint-dir ./checkpoints  # resumable
-    python dss_train.py --data-dir ./new_deployment --model-dir ./models --predict-only          # classify new images
+    python dss_train.py --data-dir ./weekly/2026-w48 --model-dir ./models --predict-only  # -> models/predictions/2026-w48/
 
-Outputs. Model dir: ``model.pth`` (weights + class names + preprocessing, loadable with
-``torch.load(weights_only=True)``), ``config.json`` (the resolved configuration). Output dir
-(``--output-dir``; default the model dir, ``SM_OUTPUT_DATA_DIR`` under SageMaker): metrics.json,
-metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv (only when the data dir has a
-test split), training_curves.png, confusion_matrix.png. A re-run replaces all of them together once
-they are all written; a run that fails leaves the previous run's files as they were. Each epoch
-prints a per-class F1 line and one line for SageMaker ``metric_definitions``:
+Outputs (docs/training.md). Model dir: ``model.pth`` (weights, class names, preprocessing, the
+temperature; ``torch.load(weights_only=True)``), ``config.json``. Output dir (``--output-dir``; default
+the model dir, ``SM_OUTPUT_DATA_DIR`` under SageMaker): metrics, splits, validation and test
+predictions, plots and where it fails (site_metrics.csv, calibration.png, top_losses.png), replaced
+together once all are written. ``--predict-only`` writes into a folder per data dir
+(dss/predicting.py). Each epoch prints a per-class F1 line and one line for SageMaker ``metric_definitions``:
 
     [METRICS] epoch=3 train_loss=0.4123 train_acc=0.8512 val_loss=0.5000 val_acc=0.8000 val_logloss=0.5100
 
@@ -27,25 +26,30 @@ training) and a restarted job resumes from the newest valid one. A failure's rea
 ``$SM_OUTPUT_DIR/failure``. ``model_fn``/``input_fn``/``predict_fn``/``output_fn`` below serve the
 model after ``estimator.deploy()``.
 
-Exit status: 0 success; 1 error (message on stderr); 2 bad arguments; 143 stopped by SIGTERM
-after saving a checkpoint (re-run with the same --checkpoint-dir to continue).
+Exit status: 0 success; 1 error (message on stderr); 2 bad arguments; 143 stopped by SIGTERM, 130 by
+Ctrl-C, at the next step after saving a checkpoint when there is a --checkpoint-dir (re-run with the same
+one to continue); a second Ctrl-C stops at once.
 """
 
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
 import traceback
 
+from dss import threads
+
+threads.limit_spin_wait()  # before torch loads its OpenMP runtime, which reads the setting once (dss.threads)
 import numpy as np
 import torch
 
-from dss import checkpoint, cli, dataset, distributed, engine, loader, metrics, outputs, sagemaker, split, streaming
+from dss import backbones, checkpoint, cli, dataset, distributed, engine, loader, metrics, outputs, sagemaker, split
 from dss import model as model_lib
-from dss import training, training_data
+from dss import finishing, predicting, streaming, tracking, training, training_data
 from dss.cli import log
 from dss.serve import input_fn, model_fn, output_fn, predict_fn
 
@@ -55,14 +59,6 @@ HOSTING_HANDLERS = (model_fn, input_fn, predict_fn, output_fn)
 
 
 # --------------------------------------------------------------------------- arguments
-class _ArgumentParser(argparse.ArgumentParser):
-    """An argument error is a failed job too: SageMaker shows the reason from the failure file."""
-
-    def error(self, message: str):
-        sagemaker.write_failure(f"invalid arguments: {message}")
-        super().error(message)
-
-
 def _add_path_arguments(parser: argparse.ArgumentParser) -> None:
     paths = parser.add_argument_group("paths")
     paths.add_argument("--data-dir", default=None,
@@ -71,11 +67,15 @@ def _add_path_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--model-dir", default=None,
                        help="where model.pth and config.json go [default: $SM_MODEL_DIR, else ./models]")
     paths.add_argument("--output-dir", default=None,
-                       help="where metrics, predictions and plots go "
-                            "[default: $SM_OUTPUT_DATA_DIR under SageMaker, else the model dir]")
+                       help="where metrics, predictions and plots go [default: $SM_OUTPUT_DATA_DIR under SageMaker, "
+                            "else the model dir; with --predict-only <model dir>/predictions/<data dir name>]")
     paths.add_argument("--checkpoint-dir", default=None,
-                       help="resume from / save per-epoch checkpoints here "
-                            "[default: none locally; /opt/ml/checkpoints under SageMaker]")
+                       help="resume from / save per-epoch checkpoints here; {job_name} becomes the SageMaker "
+                            "training job's name [default: none locally; /opt/ml/checkpoints under SageMaker]")
+    paths.add_argument("--keep-checkpoints", type=cli.positive_int, default=1,
+                       help="checkpoints kept in --checkpoint-dir: the newest N, plus the one being written until it "
+                            "is complete. Each holds the weights, the best epoch's weights and the optimizer state: "
+                            "about 179 MB for ResNet18 with adamw (134 MB with sgd; 45 MB more with --ema-decay)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,15 +89,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-epochs", type=float, default=0.5,
                        help="epochs of linear learning-rate warm-up before the cosine decay (may be fractional)")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
+    train.add_argument("--ema-decay", type=cli.decay, default=0.0,
+                       help="average of the weights over steps, evaluated and saved instead of them (0.999; 0: off)")
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                        help="'balanced' weights the loss by inverse class frequency")
     train.add_argument("--patience", type=cli.non_negative_int, default=0,
                        help="stop after this many epochs without a better val_logloss (0 = never)")
+    train.add_argument("--arch", choices=backbones.ARCHITECTURES, default=backbones.DEFAULT_ARCH,
+                       help="network: a torchvision model with its own ImageNet weights, normalisation, new head")
     train.add_argument("--weights", default="imagenet",
                        help="initial weights: 'imagenet' (torchvision download/cache), 'none' (random) "
                             "or a PATH to a state dict / model.pth")
-    train.add_argument("--image-size", type=cli.positive_int, default=None,
-                       help="network input size in px [default: the size stored in the pickles]")
+    train.add_argument("--image-size", type=cli.image_size, default=None,
+                       help=f"network input size in px, at least {cli.MIN_IMAGE_SIZE} [default: the size stored in "
+                            "the pickles]")
     train.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
     split_group = parser.add_argument_group("validation split")
     split_group.add_argument("--val-fraction", type=cli.fraction, default=0.25,
@@ -110,14 +115,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--predict-only", type=cli.str2bool, nargs="?", const=True, default=False,
-                     help="no training: load model.pth from --model-dir and write test_predictions.csv "
-                          "for --data-dir (true/false; the flag alone means true)")
+                     help="no training: load model.pth from --model-dir and write predictions.csv and "
+                          "test_predictions.csv for --data-dir into --output-dir (true/false; the flag alone means true)")
+    run.add_argument("--overwrite", type=cli.str2bool, nargs="?", const=True, default=False,
+                     help="let --predict-only replace predictions in --output-dir that another model or other data "
+                          "made (a re-run of the same model on the same data replaces its own without it)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="'auto' uses the GPU when there is one")
     run.add_argument("--compile", type=cli.str2bool, default=False,
                      help="torch.compile the model (true/false; ~20 s compile, faster epochs on GPU)")
     run.add_argument("--tta", type=cli.str2bool, default=False,
                      help="average predictions over the image and its horizontal flip (true/false)")
+    run.add_argument("--temperature-scaling", type=cli.str2bool, default=True,
+                     help="fit a temperature on the best epoch's validation logits (after TTA); applied to val/test "
+                          "probabilities, stored in model.pth (true/false)")
     run.add_argument("--data-in-memory", choices=streaming.MEMORY_MODES, default="auto",
                      help="where the images live while training: 'device' (all on the GPU; pinned host memory "
                           "when they do not fit), 'host' (pinned host memory, batches copied), 'stream' (read "
@@ -127,16 +138,29 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batch-size", type=cli.positive_int, default=256,
                      help="images per forward pass when evaluating and predicting")
     run.add_argument("--num-threads", type=cli.positive_int, default=None,
-                     help="CPU threads for torch [default: torch's choice]")
+                     help="CPU threads for torch; give 1 or 2 to leave CPUs to other heavy work [default: the CPUs "
+                          "this process may use (affinity mask, cgroup quota), at most torch's own count]")
+
+
+def _add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tracking (MLflow, optional: pip install -r requirements-mlflow.txt)")
+    group.add_argument("--mlflow", type=cli.str2bool, default=None, metavar="{true,false}",
+                       help="log this run to MLflow [default: when MLFLOW_TRACKING_URI is set or "
+                            "--mlflow-experiment is given]")
+    group.add_argument("--mlflow-experiment", default=None, metavar="NAME",
+                       help=f"MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME, else {tracking.DEFAULT_EXPERIMENT}]")
+    group.add_argument("--mlflow-log-model", type=cli.str2bool, default=False, metavar="{true,false}",
+                       help="also upload model.pth to MLflow (about 45 MB for ResNet18)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
-        description="Fine-tune ResNet18 on preprocess.py pickles (also the SageMaker entry point).",
+    parser = sagemaker.ArgumentParser(
+        description="Fine-tune a torchvision network on preprocess.py pickles (also the SageMaker entry point).",
         formatter_class=cli.HelpFormatter, allow_abbrev=False)
     _add_path_arguments(parser)
     _add_training_arguments(parser)
     _add_run_arguments(parser)
+    _add_tracking_arguments(parser)
     return parser
 
 
@@ -149,32 +173,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(settings: training.Settings, context: distributed.Context) -> None:
     """Train in this process (under torchrun, one rank of a DDP job); rank 0 writes the outputs."""
     started, device = time.monotonic(), context.device
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
+    threads.apply(settings.num_threads)
     if context.is_main:
         training.sweep_leftovers([settings.model_dir, settings.output_dir])
+    tracker_settings = settings.tracking()  # MLflow asked for but not installed: an error before any work
     amp_dtype, use_scaler = engine.select_precision(device)
     log.info(training.describe_device(context, settings.batch_size))
-    # Leaving the block stops the reader threads of streamed data, however the run ends.
-    with training_data.load(settings, device) as data:
+    # Leaving the block stops the reader threads of streamed data and ends the MLflow run, however the run ends.
+    with training_data.load(settings, device) as data, contextlib.ExitStack() as run_scope:
         generator = training.seed_everything(settings.seed, device)
-        network = training.to_device(training.build_network(data.num_classes, settings.weights), context)
+        network = training.to_device(training.build_network(data.num_classes, settings), context)
         optimizer = engine.build_optimizer(network, settings.optimizer, settings.learning_rate, settings.weight_decay)
         schedule = training.Schedule.of(settings, len(data.train_index), context.world_size)
         scheduler = engine.build_scheduler(optimizer, schedule.total_steps, schedule.warmup_steps)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator)
-        checkpoints = checkpoint.RunCheckpoints(
-            settings.checkpoint_dir, training.checkpoint_fingerprint(settings, data, context), context)
+        ema = training.make_ema(network, settings.ema_decay)  # --ema-decay: evaluated, kept and saved when on
+        state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator, ema)
+        checkpoints = training.run_checkpoints(settings, data, context)
         resumed_from = checkpoints.resume(state)
+        config = training.run_config(settings, data, context, schedule, resumed_from)
+        tracker = run_scope.enter_context(training.start_tracking(tracker_settings, settings, state, data, config,
+                                                                  context))
         train_model, eval_model = training.wrap(network, settings.compile, context)
+        inference = engine.Inference(settings.eval_batch_size, data.input_size, amp_dtype, settings.tta,
+                                     context.rank, context.world_size, training.normalisation(settings.arch))
         loss_fn = training.make_loss(data.labels[data.train_index], data.num_classes, settings.class_weights,
                                      settings.label_smoothing, device)
-        loop = engine.TrainLoop(train_model, optimizer, scheduler, scaler, loss_fn, loader.GpuAugment(data.input_size),
-                                generator, settings.batch_size, amp_dtype, context.rank, context.world_size,
-                                progress=sys.stderr.isatty())
-        inference = engine.Inference(settings.eval_batch_size, data.input_size, amp_dtype, settings.tta,
-                                     context.rank, context.world_size)
+        loop = engine.TrainLoop(train_model, optimizer, scheduler, scaler, loss_fn,
+                                loader.GpuAugment(data.input_size, normalisation=inference.normalisation), generator,
+                                settings.batch_size, amp_dtype, context.rank, context.world_size,
+                                progress=sys.stderr.isatty(), ema=ema)
         train_images = data.place(data.train["images"], data.train_index)
         val_images = data.place(data.train["images"], data.val_index)
         train_labels = torch.as_tensor(data.labels[data.train_index], device=device)  # int64 (N_train,)
@@ -190,18 +218,17 @@ def train(settings: training.Settings, context: distributed.Context) -> None:
                     stats = engine.train_one_epoch(loop, train_images, train_labels, epoch, state.step,
                                                    skip_batches=state.step_in_epoch, stop_requested=stop_requested)
                 except engine.NonFiniteLossError as exc:
-                    raise training.TrainingError(
-                        f"non-finite loss at epoch {exc.epoch}, step {exc.step}: training stopped, no checkpoint or "
-                        "model written from these weights; lower --learning-rate or check the data") from exc
+                    raise training.TrainingError.non_finite(exc) from exc
                 state.add_epoch_part(stats)
                 if stats["stopped_early"]:
                     checkpoints.save(state)
                     raise training.TrainingInterrupted.at(epoch, state.step_in_epoch, schedule.steps_per_epoch,
-                                                          saved=checkpoints.enabled)
+                                                          saved=checkpoints.enabled, signum=stop_requested.signum)
                 train_stats = state.finish_epoch()
                 train_model.eval()
-                distributed.broadcast_buffers(network, context)  # rank 0's BatchNorm statistics
-                eval_stats = engine.evaluate(eval_model, val_images, val_labels, loss_fn, inference)
+                evaluated = state.evaluated(eval_model)  # the EMA's weights when --ema-decay is on
+                distributed.broadcast_buffers(evaluated, context)  # rank 0's BatchNorm statistics
+                eval_stats = engine.evaluate(evaluated, val_images, val_labels, loss_fn, inference)
                 record = training.epoch_record(epoch, train_stats, eval_stats, optimizer.param_groups[0]["lr"],
                                                time.monotonic() - tick)
                 matrix = metrics.confusion_matrix(val_labels, np.argmax(eval_stats["probs"], axis=1), data.num_classes)
@@ -210,6 +237,7 @@ def train(settings: training.Settings, context: distributed.Context) -> None:
                 improved = state.record_epoch(record, eval_stats["probs"], matrix)
                 for line in training.epoch_lines(record, settings.epochs, improved):
                     log.info(line)
+                tracker.log_epochs(state.history, outputs.EPOCH_FIELDS[1:])
                 if settings.patience and state.epochs_without_improvement >= settings.patience:
                     state.early_stopped = True
                     log.info(f"early stopping: no better val_logloss for {settings.patience} epochs "
@@ -218,45 +246,17 @@ def train(settings: training.Settings, context: distributed.Context) -> None:
 
         if state.best is None:
             raise training.TrainingError("no epoch finished, nothing to save")
-        network.load_state_dict(state.best_model)  # the final model and outputs are the best epoch's
-        train_model.eval()
-        test = (None, {"skipped": f"no test_data.pkl in {settings.data_dir}"})
-        if data.test is not None:
-            tick = time.monotonic()
-            test_probs = engine.predict_probs(eval_model, data.place(data.test["images"]), inference)
-            test = (test_probs, {"tta": bool(settings.tta), "seconds": time.monotonic() - tick})
+        train_model.eval()  # then the best weights, the temperature, the test predictions (every rank)
+        result = finishing.finish(settings, state, data, eval_model, inference, val_images, config)
         if not context.is_main:
             return
-        config = training.run_config(settings, data, context, schedule, resumed_from)
-        outputs.write_all_outputs(training.run_result(settings, state, data, test, config))
+        outputs.write_all_outputs(result)
+        tracker.log_best(state.best, {"test_images": data.num_test_images})
+        tracker.log_outputs(settings.output_dir, settings.model_dir, settings.mlflow_log_model)
+    log.info(outputs.best_metrics_line(state.best))
     log.info(f"done in {time.monotonic() - started:.1f} s: best epoch {state.best['epoch']} "
              f"(val_logloss {state.best['val_logloss']:.4f}, val_acc {state.best['val_acc']:.4f}); "
              f"model in {settings.model_dir}, outputs in {settings.output_dir}")
-
-
-# --------------------------------------------------------------------------- predict only
-def predict_only(settings: training.Settings) -> None:
-    """No training: write test_predictions.csv for the data dir with the model in the model dir."""
-    device = training.resolve_device(settings.device)
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    model_path = settings.model_dir / model_lib.MODEL_FILENAME
-    if not model_path.is_file():
-        raise FileNotFoundError(f"--predict-only needs {model_path}; train first or point --model-dir at a trained model")
-    network, artifact = model_lib.load_model_artifact(model_path, map_location=device)
-    network.to(device).eval()
-    class_names, preprocessing = list(artifact["class_names"]), artifact["preprocessing"]
-    test_data = dataset.load_split(settings.data_dir, "test")
-    trained = {"image_shape": (int(preprocessing["stored_image_size"]),) * 2,
-               "resize_policy": preprocessing.get("resize_policy"), "class_names": class_names}
-    training_data.check_agreement(test_data, trained, str(settings.data_dir), str(model_path))
-    amp_dtype, _ = engine.select_precision(device)
-    inference = engine.Inference(settings.eval_batch_size, int(preprocessing["image_size"]), amp_dtype, settings.tta)
-    probs = engine.predict_probs(network, loader.DeviceImages(test_data["images"], device), inference)
-    prior = np.asarray(preprocessing.get("class_prior") or np.full(len(class_names), 1.0 / len(class_names)))
-    test_path = settings.output_dir / "test_predictions.csv"
-    summary = outputs.write_test_predictions(test_path, settings.data_dir, test_data, probs, prior, class_names)
-    log.info(f"test predictions: {summary['num_images']} rows -> {test_path}")
 
 
 # --------------------------------------------------------------------------- main
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.predict_only:
             # Under torchrun the other ranks have nothing to do: one process writes the predictions.
             if distributed.ranks_from_env()[0] == 0:
-                predict_only(settings)
+                predicting.predict_only(settings)
             return 0
         context = distributed.setup(training.resolve_device(settings.device))
         cli.setup_logging(enabled=context.is_main)  # one copy of each log line per DDP job
@@ -279,14 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             distributed.teardown(context)
             cli.setup_logging(enabled=True)
         return 0
-    except training.TrainingInterrupted as exc:
+    except (training.TrainingInterrupted, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C outside the training loop, or a second one in it
+            exc = training.TrainingInterrupted.at_once(args.checkpoint_dir, args.predict_only)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sagemaker.write_failure(str(exc))
-        return SIGTERM_EXIT_CODE
+        return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - every failure must reach stderr and SageMaker's failure file
         expected = (dataset.DatasetError, FileNotFoundError, model_lib.WeightsError,
                     checkpoint.CheckpointMismatchError, training.TrainingError, distributed.DistributedSetupError,
-                    ValueError, OSError)
+                    tracking.TrackingError, ValueError, OSError)
         if not isinstance(exc, expected):
             traceback.print_exc()
         reason = f"{type(exc).__name__}: {exc}"

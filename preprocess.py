@@ -40,12 +40,11 @@ final name. This script never imports torch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from dss import building, cli, images, labels, publishing, reporting, sagemaker, sharding, sources
+from dss import building, cli, images, labels, publishing, reporting, sagemaker, sharding, sources, threads
 from dss.planning import Layout, PreprocessError, PreprocessSettings, plan_dataset, usage_hint
 
 DEFAULT_INPUT = "./data"
@@ -58,11 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", default=DEFAULT_INPUT,
                         help="s3://bucket/prefix/ or a folder")
     parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/")
-    parser.add_argument("--image-size", type=cli.positive_int, default=224, help="stored square size in px")
+    parser.add_argument("--image-size", type=cli.image_size, default=224,
+                        help=f"stored square size in px, at least {cli.MIN_IMAGE_SIZE} (ResNet18 halves it five times)")
     parser.add_argument("--resize", choices=images.RESIZE_POLICIES, default="squash",
                         help="squash (whole frame), crop (centre) or pad (black border)")
-    parser.add_argument("--workers", type=cli.positive_int, default=os.cpu_count() or 1,
-                        help="decode processes, default all CPUs of this machine (1 decodes in this process)")
+    parser.add_argument("--workers", type=cli.positive_int, default=None,
+                        help="decode processes; 1 decodes in this process (default: the CPUs this process may use, "
+                             f"{threads.allowed_cpus()} here)")
     parser.add_argument("--download-threads", type=cli.positive_int, default=sources.DEFAULT_DOWNLOAD_THREADS,
                         help="concurrent S3 downloads / file reads")
     parser.add_argument("--endpoint-url", default=None,
@@ -140,7 +141,7 @@ def settings_from_args(args: argparse.Namespace, shard_index: int, num_shards: i
     layout = Layout(args.train_labels, args.train_features, args.test_features,
                     args.train_dir.strip("/"), args.test_dir.strip("/"))
     return PreprocessSettings(input_uri=args.input, image_size=args.image_size, policy=args.resize,
-                              max_pixels=args.max_pixels, workers=args.workers,
+                              max_pixels=args.max_pixels, workers=args.workers or threads.allowed_cpus(),
                               download_threads=args.download_threads, limit=args.limit, shard_index=shard_index,
                               num_shards=num_shards, quiet=args.quiet, layout=layout, presharded=presharded)
 

@@ -71,8 +71,9 @@ def child_env() -> dict:
     return env
 
 
-def run(command: list, what: str) -> None:
-    result = subprocess.run([str(part) for part in command], cwd=REPO_ROOT, env=child_env(),
+def run(command: list, what: str, env: dict | None = None) -> None:
+    """Run ``command`` in the repository root (``env``: default ``child_env()``); raise with its output if it fails."""
+    result = subprocess.run([str(part) for part in command], cwd=REPO_ROOT, env=env if env is not None else child_env(),
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{what} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
@@ -182,15 +183,18 @@ def main(argv=None) -> int:
     notes = ratios(rate_of, args) + [f"{args.rounds} round(s), medians; per round: " + "; ".join(
         f"{what} {setting} {', '.join(f'{r:,.1f}' for r in rates)}" for (what, setting), rates in measured.items())
     ] + notes
-    report = render(info, rows, notes)
+    publish(render(info, rows, notes), args.save, "scaling" if args.device == "cpu" else f"scaling-{args.device}")
+    return 0
+
+
+def publish(report: str, save: bool, name: str) -> None:
+    """Print ``report``; with ``save`` also write it to bench/results/<name>-<date>.md."""
     print("\n" + report, flush=True)
-    if args.save:
-        device = "" if args.device == "cpu" else f"{args.device}-"
-        path = REPO_ROOT / "bench" / "results" / f"scaling-{device}{datetime.date.today().isoformat()}.md"
+    if save:
+        path = REPO_ROOT / "bench" / "results" / f"{name}-{datetime.date.today().isoformat()}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         fileio.write_text(path, report)
         print(f"saved {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -269,13 +270,98 @@ def speed_rows(args, device) -> list[tuple[str, str]]:
     return rows
 
 
+@dataclass
+class RecipeSetting:
+    """What both recipes share in a comparison: epochs, sizes, seed, device, precision."""
+
+    epochs: int
+    image_size: int
+    seed: int
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    arch: str = "resnet18"
+
+
+@dataclass
+class RecipeRun:
+    """A trained recipe: the model holds the weights of the epoch the recipe itself chooses
+    (``chosen_epoch``); ``history`` has per epoch its number and, when a ``val`` set was given, its
+    ``val_logloss`` and ``val_acc``."""
+
+    model: nn.Module
+    chosen_epoch: int
+    history: list[dict]
+
+
+def _recipe_parts(recipe: str, model: nn.Module, images: np.ndarray, labels: np.ndarray, setting: RecipeSetting):
+    """(images, labels, batch size, optimizer, scheduler, augmentation, loss, choice set or None) of a recipe."""
+    if recipe == "ours":
+        import dss_train
+
+        # Exactly dss_train.py's defaults: optimizer, lr, weight decay, warm-up, smoothing, batch.
+        defaults = dss_train.parse_args(["--weights", "none"])
+        steps_per_epoch = max(len(images) // defaults.batch_size, 1)
+        optimizer = engine.build_optimizer(model, defaults.optimizer, defaults.learning_rate, defaults.weight_decay)
+        scheduler = engine.build_scheduler(optimizer, setting.epochs * steps_per_epoch,
+                                           int(round(defaults.warmup_epochs * steps_per_epoch)))
+        return (images, labels, defaults.batch_size, optimizer, scheduler, GpuAugment(setting.image_size),
+                nn.CrossEntropyLoss(label_smoothing=defaults.label_smoothing), None)
+    if recipe != "prototype":
+        raise ValueError(f"recipe must be 'ours' or 'prototype', got {recipe!r}")
+    # The prototype: a random 75/25 split of the training images chooses the best epoch (by accuracy);
+    # Adam lr 1e-3, horizontal flips only, plain cross-entropy, batch 32.
+    from dss.split import random_split
+
+    choice_mask = random_split(labels, 0.25, setting.seed)
+    choice = (DeviceImages(images[choice_mask], setting.device), labels[choice_mask])
+    augment = GpuAugment(setting.image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), grey_p=0.0, brightness=0.0,
+                         contrast=0.0)
+    return (images[~choice_mask], labels[~choice_mask], 32, torch.optim.Adam(model.parameters(), lr=1e-3), None,
+            augment, nn.CrossEntropyLoss(), choice)
+
+
+def train_recipe(recipe: str, images: np.ndarray, labels: np.ndarray, num_classes: int, setting: RecipeSetting,
+                 val: tuple[DeviceImages, np.ndarray] | None = None) -> RecipeRun:
+    """Train ``recipe`` ('ours': dss_train.py's defaults; 'prototype': the prototype's recipe) from
+    scratch on uint8 ``images`` (N, S, S, 3) and class indices ``labels``. Ours keeps the epoch with the
+    lowest log loss on ``val`` (the last epoch without one), the prototype the epoch with the highest
+    accuracy on its own random 25% split; the returned model holds that epoch's weights."""
+    torch.manual_seed(setting.seed)
+    model = build_model(num_classes, "none", setting.arch).to(setting.device)
+    generator = torch.Generator(device=setting.device)
+    generator.manual_seed(setting.seed)
+    fit_images, fit_labels, batch_size, optimizer, scheduler, augment, loss_fn, choice = _recipe_parts(
+        recipe, model, images, labels, setting)
+    stored = DeviceImages(fit_images, setting.device)
+    device_labels = torch.from_numpy(fit_labels).to(setting.device)
+    loop = engine.TrainLoop(model, optimizer, scheduler, None, loss_fn, augment, generator, batch_size,
+                            setting.amp_dtype, progress=False)
+    how = engine.Inference(256, setting.image_size, setting.amp_dtype)
+    history, best_key, best_state, chosen_epoch, step = [], None, None, setting.epochs, 0
+    for epoch in range(1, setting.epochs + 1):
+        step += engine.train_one_epoch(loop, stored, device_labels, epoch, step)["steps"]
+        scores = {"epoch": epoch}
+        if val is not None:
+            scores.update(engine.evaluate(model, val[0], val[1], nn.CrossEntropyLoss(), how))
+        history.append(scores)
+        if choice is not None:
+            key = -engine.evaluate(model, choice[0], choice[1], loss_fn, how)["val_acc"]
+        else:
+            key = scores["val_logloss"] if val is not None else -epoch
+        if best_key is None or key < best_key:
+            best_key, chosen_epoch = key, epoch
+            best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return RecipeRun(model, chosen_epoch, history)
+
+
 def recipe_rows(args, device) -> list[tuple[str, str]]:
     """dss_train.py's default recipe vs the prototype's on demo data, both scored on the site-grouped
     validation split that dss_train.py itself makes (same val_fraction and seed)."""
     import dss_train
     from dss.dataset import load_split
     from dss.sample import write_demo_dataset
-    from dss.split import make_split, random_split
+    from dss.split import make_split
 
     defaults = dss_train.parse_args(["--weights", "none"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -288,56 +374,11 @@ def recipe_rows(args, device) -> list[tuple[str, str]]:
     num_classes = len(data["class_names"])
     val_mask = make_split(labels, data["sites"], defaults.val_fraction, args.seed, "site")
     train_images, train_labels = data["images"][~val_mask], labels[~val_mask]
-    val = DeviceImages(data["images"][val_mask], device)
-    val_labels = labels[val_mask]
-    amp_dtype, use_scaler = resolve_precision(args.precision, device)
-
-    def run(recipe: str) -> tuple[dict, dict]:
-        """Returns (last epoch's scores, the epoch the recipe itself would choose)."""
-        torch.manual_seed(args.seed)
-        model = build_model(num_classes, "none").to(device)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(args.seed)
-        if recipe == "ours":
-            # Exactly dss_train.py's defaults: optimizer, lr, weight decay, warm-up, smoothing, batch.
-            images, fit_labels, batch_size = train_images, train_labels, defaults.batch_size
-            steps_per_epoch = max(len(images) // batch_size, 1)
-            optimizer = engine.build_optimizer(model, defaults.optimizer, defaults.learning_rate,
-                                               defaults.weight_decay)
-            scheduler = engine.build_scheduler(optimizer, args.epochs * steps_per_epoch,
-                                               int(round(defaults.warmup_epochs * steps_per_epoch)))
-            augment = GpuAugment(args.image_size)
-            loss_fn = nn.CrossEntropyLoss(label_smoothing=defaults.label_smoothing)
-            choice = None
-        else:
-            # The prototype: a random 75/25 split of the training images chooses the best epoch (by accuracy).
-            choice_mask = random_split(train_labels, 0.25, args.seed)
-            images, fit_labels, batch_size = train_images[~choice_mask], train_labels[~choice_mask], 32
-            choice = (DeviceImages(train_images[choice_mask], device), train_labels[choice_mask])
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            scheduler = None
-            augment = GpuAugment(args.image_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), grey_p=0.0, brightness=0.0,
-                                 contrast=0.0)
-            loss_fn = nn.CrossEntropyLoss()
-        stored = DeviceImages(images, device)
-        device_labels = torch.from_numpy(fit_labels).to(device)
-        best_choice, chosen, step = None, None, 0
-        loop = engine.TrainLoop(model, optimizer, scheduler, None, loss_fn, augment, generator, batch_size, amp_dtype,
-                                progress=False)
-        how = engine.Inference(256, args.image_size, amp_dtype)
-        for epoch in range(1, args.epochs + 1):
-            result = engine.train_one_epoch(loop, stored, device_labels, epoch, step)
-            step += result["steps"]
-            scores = {**engine.evaluate(model, val, val_labels, nn.CrossEntropyLoss(), how), "epoch": epoch}
-            # ours chooses by site-grouped val log loss (as dss_train.py); the prototype by its random split's accuracy
-            key = (-engine.evaluate(model, choice[0], choice[1], loss_fn, how)["val_acc"]
-                   if choice is not None else scores["val_logloss"])
-            if best_choice is None or key < best_choice:
-                best_choice, chosen = key, scores
-        return scores, chosen
-
-    ours_last, ours_chosen = run("ours")
-    naive_last, naive_chosen = run("prototype")
+    val = (DeviceImages(data["images"][val_mask], device), labels[val_mask])
+    setting = RecipeSetting(args.epochs, args.image_size, args.seed, device,
+                            resolve_precision(args.precision, device)[0])
+    ours = train_recipe("ours", train_images, train_labels, num_classes, setting, val)
+    naive = train_recipe("prototype", train_images, train_labels, num_classes, setting, val)
     sizes = f"{len(train_labels)} train / {int(val_mask.sum())} site-grouped val images, {args.image_size} px"
 
     def cell(scores: dict) -> str:
@@ -346,10 +387,12 @@ def recipe_rows(args, device) -> list[tuple[str, str]]:
     return [
         (f"setting: {args.epochs} epochs each, from scratch, {sizes}", ""),
         (f"ours (dss_train.py defaults: {defaults.optimizer}, lr {defaults.learning_rate}, warm-up + cosine, "
-         f"batched augmentation), last epoch", cell(ours_last)),
-        (f"ours, epoch {ours_chosen['epoch']} chosen by val log loss (what dss_train.py keeps)", cell(ours_chosen)),
-        ("prototype (Adam lr 1e-3, flip only, batch 32), last epoch", cell(naive_last)),
-        (f"prototype, epoch {naive_chosen['epoch']} chosen by accuracy on its random 25% split", cell(naive_chosen)),
+         f"batched augmentation), last epoch", cell(ours.history[-1])),
+        (f"ours, epoch {ours.chosen_epoch} chosen by val log loss (what dss_train.py keeps)",
+         cell(ours.history[ours.chosen_epoch - 1])),
+        ("prototype (Adam lr 1e-3, flip only, batch 32), last epoch", cell(naive.history[-1])),
+        (f"prototype, epoch {naive.chosen_epoch} chosen by accuracy on its random 25% split",
+         cell(naive.history[naive.chosen_epoch - 1])),
     ]
 
 

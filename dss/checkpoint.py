@@ -13,7 +13,9 @@ One checkpoint per save, in ``--checkpoint-dir`` (``/opt/ml/checkpoints`` under 
 The .pt is written atomically (temp + fsync + rename) and the manifest only after it,
 so a checkpoint without a manifest, or whose bytes no longer match the manifest's sha256,
 is incomplete or corrupt: ``CheckpointManager.load_latest`` then falls back to the
-previous one and says so. Only the newest ``keep`` checkpoints are kept.
+previous one and says so. Only the newest ``keep`` checkpoints are kept (dss_train.py
+``--keep-checkpoints``, default 1): older ones are deleted only once the new one and its manifest
+are complete, so a run killed while saving still leaves the previous one.
 
 Everything is loaded with ``torch.load(weights_only=True)``: numpy and Python RNG states
 are therefore stored as tensors and lists, never as pickled objects.
@@ -66,6 +68,25 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
         if saved.get(key) != current.get(key):
             lines.append(f"{key}: checkpoint has {_short(saved.get(key))}, this run has {_short(current.get(key))}")
     return lines
+
+
+def mismatch_advice(saved: dict, fingerprint: dict, folder: Path, model_path: Path | None = None) -> str:
+    """What to do about the checkpoint ``saved`` that this run (``fingerprint``) cannot continue.
+    Another --epochs gets its own advice: the learning-rate schedule spans the run's --epochs, so a
+    run cannot be extended; its model can be fine-tuned further."""
+    fresh = f"Use a new --checkpoint-dir (or empty {folder}) to start fresh."
+    saved_epochs, epochs = saved.get("fingerprint", {}).get("epochs"), fingerprint.get("epochs")
+    if saved_epochs is None or saved_epochs == epochs:
+        return fresh
+    done = int(saved.get("epoch", 0))
+    weights = (f"--weights {model_path}" if model_path is not None and Path(model_path).is_file()
+               else "--weights <that run's model.pth>")
+    if done >= saved_epochs or saved.get("early_stopped"):
+        return (f"That run finished ({done} epochs) and its learning-rate schedule ended with them, so it cannot be "
+                f"extended to --epochs {epochs}. To train its model further, fine-tune from it: {weights} with a new "
+                f"--checkpoint-dir (a new warm-up and schedule over --epochs {epochs}). Or: {fresh}")
+    return (f"That run stopped after {done} of its {saved_epochs} epochs: re-run with --epochs {saved_epochs} to "
+            f"finish it (then fine-tune from it with {weights} and a new --checkpoint-dir to train longer). Or: {fresh}")
 
 
 def _short(value) -> str:
@@ -129,12 +150,14 @@ class CheckpointManager:
     ``log`` receives one-line messages (fallbacks, refusals); default ``print``.
     """
 
-    def __init__(self, folder: str | Path, keep: int = 2, log: Callable[[str], None] = print):
+    def __init__(self, folder: str | Path, keep: int = 2, log: Callable[[str], None] = print,
+                 model_path: Path | None = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.folder = Path(folder)
         self.keep = keep
         self.log = log
+        self.model_path = model_path  # the run's model.pth, named when a refusal suggests fine-tuning
 
     # ----------------------------------------------------------------- save
     def save(self, state: dict, epoch: int, step: int, fingerprint: dict) -> Path:
@@ -207,8 +230,7 @@ class CheckpointManager:
             if differences:
                 raise CheckpointMismatchError(
                     f"checkpoint {path} was made by an incompatible run:\n  " + "\n  ".join(differences)
-                    + f"\nUse a new --checkpoint-dir (or empty {self.folder}) to start fresh."
-                )
+                    + "\n" + mismatch_advice(state, fingerprint, self.folder, self.model_path))
             return state, path
         return None
 
@@ -223,13 +245,15 @@ class TrainingState:
     ``step_in_epoch`` batches of the next epoch already trained (non-zero only after a stop
     mid-epoch), ``step`` optimizer steps of the whole run. ``best``: the best epoch's scores,
     per-class report and confusion matrix; ``best_model`` its weights (a CPU copy) and
-    ``best_val_probs`` its validation probabilities, float64 (N_val, C).
+    ``best_val_probs`` its validation probabilities, float64 (N_val, C). ``ema``: a
+    ``dss.ema.WeightEMA`` (``--ema-decay``) or None; when set, its averaged weights are the ones
+    evaluated and kept as ``best_model``, and its state is part of the checkpoint.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                 generator: torch.Generator):
+                 generator: torch.Generator, ema=None):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.generator = generator
+        self.generator, self.ema = generator, ema
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_model: dict | None = None
@@ -241,6 +265,8 @@ class TrainingState:
         # The random streams as they were when the running epoch began: a checkpoint saved mid-epoch
         # must let the resumed run redraw this epoch's batch order and augmentation.
         self._epoch_start_rng: dict | None = None
+        # The MLflow run this training run logs to (dss.tracking), so a resumed run continues it.
+        self.tracking_run_id: str | None = None
 
     def state_dict(self) -> dict:
         """Tensors and plain data only (``torch.load(weights_only=True)`` reads it back)."""
@@ -252,6 +278,7 @@ class TrainingState:
             "best_val_probs": torch.from_numpy(self.best_val_probs) if self.best_val_probs is not None else None,
             "step_in_epoch": self.step_in_epoch, "early_stopped": self.early_stopped,
             "partial_epoch": self.partial_epoch, "epoch": self.epoch, "step": self.step,
+            "tracking_run_id": self.tracking_run_id, "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -266,6 +293,13 @@ class TrainingState:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.step, self.early_stopped = int(state["step"]), bool(state["early_stopped"])
         self.partial_epoch = state["partial_epoch"]
+        self.tracking_run_id = state.get("tracking_run_id")  # absent in checkpoints of earlier versions
+        if self.ema is not None:  # the fingerprint (ema_decay) guarantees the checkpoint has one
+            self.ema.load_state_dict(state["ema"])
+
+    def evaluated(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The network that is evaluated and kept: the EMA's averaged copy when there is one, else ``model``."""
+        return self.ema.module if self.ema is not None else model
 
     @property
     def position(self) -> str:
@@ -311,7 +345,7 @@ class TrainingState:
             self.best = {key: record[key] for key in ("epoch", "val_loss", "val_logloss", "val_acc", "per_class")}
             self.best["confusion_matrix"] = np.asarray(confusion).tolist()
             self.best_model = {name: tensor.detach().to("cpu", copy=True)
-                               for name, tensor in self.model.state_dict().items()}
+                               for name, tensor in self.evaluated(self.model).state_dict().items()}
             self.best_val_probs = np.asarray(val_probs, dtype=np.float64)
         return improved
 
@@ -322,9 +356,11 @@ class RunCheckpoints:
     the files (other nodes may not see its disk): it sends what it read to every rank, and the
     others wait at a barrier while it writes."""
 
-    def __init__(self, folder: Path | None, fingerprint: dict, context: distributed.Context):
+    def __init__(self, folder: Path | None, fingerprint: dict, context: distributed.Context, keep: int = 1,
+                 model_path: Path | None = None):
         self.folder, self.fingerprint, self.context = folder, fingerprint, context
-        self.manager = CheckpointManager(folder, keep=2, log=log.info) if folder is not None else None
+        self.manager = (CheckpointManager(folder, keep=keep, log=log.info, model_path=model_path)
+                        if folder is not None else None)
 
     @property
     def enabled(self) -> bool:

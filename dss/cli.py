@@ -42,10 +42,32 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+# The smallest image side ResNet18 can use: its five stride-2 stages take 32 px down to 1 px; below
+# that the last stages have no spatial extent left and the model trains at chance level.
+MIN_IMAGE_SIZE = 32
+
+
+def image_size(value: str) -> int:
+    """An image side in px, at least MIN_IMAGE_SIZE."""
+    number = int(value)
+    if number < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_IMAGE_SIZE} px (ResNet18 halves the image five "
+                                         f"times; smaller images train at chance level), got {value!r}")
+    return number
+
+
 def fraction(value: str) -> float:
     number = float(value)
     if not 0.0 < number < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value!r}")
+    return number
+
+
+def decay(value: str) -> float:
+    """An EMA decay: 0 (off) up to, not including, 1."""
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {value!r}")
     return number
 
 

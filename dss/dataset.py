@@ -60,15 +60,17 @@ def find_split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
     or a single file and shards are both present.
     """
     folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data dir {folder} {'is not a folder' if folder.exists() else 'does not exist'}: "
+                                "point --data-dir at the --output-dir of preprocess.py")
     single = folder / split_filename(split)
     shards: dict[int, Path] = {}
     counts = set()
-    if folder.is_dir():
-        for entry in folder.iterdir():
-            match = _SHARD_RE.match(entry.name)
-            if match and match.group("split") == split:
-                shards[int(match.group("index"))] = entry
-                counts.add(int(match.group("count")))
+    for entry in folder.iterdir():
+        match = _SHARD_RE.match(entry.name)
+        if match and match.group("split") == split:
+            shards[int(match.group("index"))] = entry
+            counts.add(int(match.group("count")))
     if single.is_file() and shards:
         raise DatasetError(
             f"{folder}: both {single.name} and {len(shards)} shard file(s) of '{split}' exist; "

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dss import distributed, metrics
-from dss.loader import DeviceImages, GpuAugment, eval_transform, num_train_batches
+from dss.loader import DeviceImages, GpuAugment, Normalisation, eval_transform, num_train_batches
+
+if TYPE_CHECKING:
+    from dss.ema import WeightEMA
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -107,7 +110,8 @@ class TrainLoop:
     ``generator`` (on the device) draws the batch order and the augmentation. ``batch_size`` is
     per process: under DDP (``world_size`` > 1) one step trains on ``batch_size * world_size``
     images, each rank its own slice. Loss, accuracy and the non-finite check are read back to the
-    host every ``sync_every`` steps (one sync each).
+    host every ``sync_every`` steps (one sync each). ``ema``: a ``dss.ema.WeightEMA`` of the
+    network, updated after every optimizer step, or None.
     """
 
     model: nn.Module
@@ -123,6 +127,7 @@ class TrainLoop:
     world_size: int = 1
     sync_every: int = 16
     progress: bool = True
+    ema: WeightEMA | None = None
 
 
 class _EpochTotals:
@@ -182,6 +187,8 @@ def train_step(loop: TrainLoop, inputs: torch.Tensor, targets: torch.Tensor) -> 
         loop.optimizer.step()
     if loop.scheduler is not None:
         loop.scheduler.step()
+    if loop.ema is not None:
+        loop.ema.update(loop.model)
     return logits, loss
 
 
@@ -257,7 +264,8 @@ class Inference:
     ``tta`` the mean over the image and its horizontal flip. ``world_size`` > 1 (DDP): each
     ``rank`` predicts its contiguous share and the shares are gathered, so every rank gets all rows
     (every rank must call; the model must then be the plain module, not the DDP wrapper: the ranks
-    run different numbers of forward passes)."""
+    run different numbers of forward passes). ``normalisation``: the network's input statistics
+    (None = ImageNet's; pass ``loader.Normalisation(*backbones.normalisation(arch))``)."""
 
     batch_size: int
     image_size: int
@@ -265,6 +273,7 @@ class Inference:
     tta: bool = False
     rank: int = 0
     world_size: int = 1
+    normalisation: Normalisation | None = None
 
 
 def _predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> torch.Tensor:
@@ -274,7 +283,8 @@ def _predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> t
     outputs = []
     with torch.inference_mode():
         for start in range(first, last, how.batch_size):
-            inputs = eval_transform(images.slice(start, min(start + how.batch_size, last)), how.image_size)
+            inputs = eval_transform(images.slice(start, min(start + how.batch_size, last)), how.image_size,
+                                    how.normalisation)
             with _autocast(images.device, how.amp_dtype):
                 logits = model(inputs).float()
                 if how.tta:
@@ -303,20 +313,35 @@ def _eval_mode_logits(model: nn.Module, images: DeviceImages, how: Inference) ->
         model.train(was_training)
 
 
-def predict_probs(model: nn.Module, images: DeviceImages, how: Inference) -> np.ndarray:
+def predict_probs(model: nn.Module, images: DeviceImages, how: Inference, temperature: float = 1.0) -> np.ndarray:
     """Softmax probabilities float64 (N, C), rows in image order, computed in batches with the
-    model in eval mode (its previous mode is restored)."""
+    model in eval mode (its previous mode is restored). ``temperature`` (T != 1): softmax of
+    ``predict_logits`` / T, as ``calibration.apply_temperature`` (the run's fitted temperature)."""
     if len(images) == 0:
         raise ValueError("no images to predict")
-    logits = _eval_mode_logits(model, images, how)
-    return _log_probs(logits.double().cpu()).exp().numpy()
+    log_probs = _log_probs(_eval_mode_logits(model, images, how).double().cpu())
+    if temperature != 1.0:
+        log_probs = F.log_softmax(log_probs / float(temperature), dim=-1)
+    return log_probs.exp().numpy()
+
+
+def predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> np.ndarray:
+    """float64 (N, C) logits whose softmax is exactly ``predict_probs``: the log-probabilities
+    (the network's logits shifted by a per-row constant, which neither softmax nor a temperature
+    sees), with TTA the log of the mean of the two flips' probabilities. Averaged probabilities,
+    not averaged logits, keep TTA's prediction unchanged at temperature 1, so a temperature fitted
+    on these rows (``dss.calibration``) calibrates exactly what is served."""
+    if len(images) == 0:
+        raise ValueError("no images to predict")
+    return _log_probs(_eval_mode_logits(model, images, how).double().cpu()).numpy()
 
 
 def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, how: Inference) -> dict:
     """Validation numbers: ``val_loss`` (``loss_fn``, the training objective, on the predicted
     log-probabilities), ``val_logloss`` (plain clipped multiclass log loss: the competition
-    metric), ``val_acc``, and ``probs`` float64 (N, C). Under DDP every rank returns the same
-    numbers for all N images."""
+    metric), ``val_acc``, ``probs`` float64 (N, C) and ``logits`` float64 (N, C) (as
+    ``predict_logits``: softmax(logits) == probs, for fitting a temperature). Under DDP every rank
+    returns the same numbers for all N images."""
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(images),):
         raise ValueError(f"labels has shape {labels.shape}, expected ({len(images)},) to match the images")
@@ -326,10 +351,12 @@ def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn
     with torch.inference_mode():
         # cross_entropy(log p) == cross_entropy(logits): log_softmax of log-probabilities is a no-op.
         val_loss = float(loss_fn(log_probs, targets).item())
-    probs = _log_probs(logits.double().cpu()).exp().numpy()
+    host_log_probs = _log_probs(logits.double().cpu()).numpy()       # float64 (N, C), as predict_logits
+    probs = np.exp(host_log_probs)
     return {
         "val_loss": val_loss,
         "val_logloss": metrics.log_loss(probs, labels),
         "val_acc": metrics.accuracy(probs, labels),
         "probs": probs,
+        "logits": host_log_probs,
     }

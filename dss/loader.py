@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -130,10 +131,28 @@ def num_train_batches(num_items: int, batch_size: int, drop_last: bool = True) -
     return math.ceil(num_items / batch_size)
 
 
-def _normalise(batch: torch.Tensor) -> torch.Tensor:
-    """float (B, 3, H, W) in 0..255 -> ImageNet-normalised, channels_last."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255.0)
+@dataclass(frozen=True)
+class Normalisation:
+    """Per-channel (R, G, B) ``mean`` and ``std`` on the 0..1 scale: what the network's weights were
+    trained with (``dss.backbones.normalisation(arch)``; stored in model.pth's preprocessing).
+    Lists are accepted and kept as tuples."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0.0:
+            raise ValueError(f"normalisation needs 3 means and 3 positive stds, got {mean} and {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+
+def _normalise(batch: torch.Tensor, normalisation: Normalisation | None = None) -> torch.Tensor:
+    """float (B, 3, H, W) in 0..255 -> normalised (ImageNet statistics when None), channels_last."""
+    normalisation = normalisation or Normalisation()
+    mean = torch.tensor(normalisation.mean, device=batch.device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(normalisation.std, device=batch.device).view(1, 3, 1, 1) * 255.0)
     out = torch.empty_like(batch, memory_format=torch.channels_last)
     torch.mul(batch - mean, inv_std, out=out)
     return out
@@ -142,8 +161,8 @@ def _normalise(batch: torch.Tensor) -> torch.Tensor:
 class GpuAugment:
     """Batched training augmentation: random resized crop (+ horizontal flip) as one
     ``affine_grid``/``grid_sample``, random greyscale, brightness and contrast jitter,
-    then ImageNet normalisation. Input uint8 (B, 3, H, W); output float (B, 3, out, out),
-    channels_last.
+    then normalisation (``normalisation``; None = ImageNet statistics). Input uint8 (B, 3, H, W);
+    output float (B, 3, out, out), channels_last.
 
     ``scale`` is the range of the crop's area as a share of the image, ``ratio`` the range of
     its aspect (width/height), as in torchvision's RandomResizedCrop; ``brightness`` and
@@ -158,7 +177,7 @@ class GpuAugment:
     # (docs/benchmarks.md, "Training recipe defaults").
     def __init__(self, out_size: int, scale: tuple[float, float] = (0.6, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, grey_p: float = 0.2,
-                 brightness: float = 0.3, contrast: float = 0.3):
+                 brightness: float = 0.3, contrast: float = 0.3, normalisation: Normalisation | None = None):
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
         if not 0.0 < ratio[0] <= ratio[1]:
@@ -168,6 +187,7 @@ class GpuAugment:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.flip_p, self.grey_p = float(flip_p), float(grey_p)
         self.brightness, self.contrast = float(brightness), float(contrast)
+        self.normalisation = normalisation or Normalisation()
 
     def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """All random numbers for one batch: U(0, 1) of shape (B, NUM_DRAWS) on the generator's device."""
@@ -207,14 +227,15 @@ class GpuAugment:
         # Contrast blends with the mean grey level of each (brightened) image, as ColorJitter does.
         mean_luma = (images * grey_weights).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
         images = ((images - mean_luma) * contrast + mean_luma).clamp_(0.0, 255.0)
-        return _normalise(images)
+        return _normalise(images, self.normalisation)
 
 
-def eval_transform(batch: torch.Tensor, out_size: int) -> torch.Tensor:
+def eval_transform(batch: torch.Tensor, out_size: int, normalisation: Normalisation | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float (B, 3, out, out), channels_last; resized (bilinear,
-    antialiased) only when ``out_size`` differs from the stored size."""
+    antialiased) only when ``out_size`` differs from the stored size. ``normalisation``: None =
+    ImageNet statistics."""
     images = batch.float()
     if images.shape[-2:] != (out_size, out_size):
         images = F.interpolate(images, size=(out_size, out_size), mode="bilinear", align_corners=False,
                                antialias=True).clamp_(0.0, 255.0)
-    return _normalise(images)
+    return _normalise(images, normalisation)

@@ -34,12 +34,17 @@ def _check_probs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return probs, labels.astype(np.int64)
 
 
-def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean multiclass log loss of probabilities (N, C) for true class indices (N,)."""
+def image_log_losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float64 (N,): each row's log loss (probabilities clipped and renormalised; ``log_loss`` is the mean)."""
     probs, labels = _check_probs(probs, labels)
     clipped = np.clip(probs, LOG_LOSS_EPS, 1.0 - LOG_LOSS_EPS)
     clipped /= clipped.sum(axis=1, keepdims=True)
-    return float(-np.mean(np.log(clipped[np.arange(labels.size), labels])))
+    return -np.log(clipped[np.arange(labels.size), labels])
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean multiclass log loss of probabilities (N, C) for true class indices (N,)."""
+    return float(np.mean(image_log_losses(probs, labels)))
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -78,7 +83,8 @@ def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> list[dict]:
     return report
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state); size in inches at 100 dpi."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -87,7 +93,8 @@ def _new_figure(width: float, height: float):
     return figure
 
 
-def _save_figure(figure, path: str | os.PathLike) -> None:
+def save_figure(figure, path: str | os.PathLike) -> None:
+    """The figure as a PNG at ``path``, written atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     fileio.write_bytes(path, buffer.getvalue())
@@ -102,7 +109,7 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> None:
     def series(key):
         return [row.get(key, np.nan) for row in history]
 
-    figure = _new_figure(15, 4.5)
+    figure = new_figure(15, 4.5)
     loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
     for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (objective)"),
                        ("val_logloss", "val log loss (metric)")):
@@ -119,7 +126,7 @@ def plot_training_curves(history: list[dict], path: str | os.PathLike) -> None:
     loss_axes.legend()
     acc_axes.legend()
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike) -> None:
@@ -131,7 +138,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     row_totals = cm.sum(axis=1, keepdims=True)
     shares = np.divide(cm, row_totals, out=np.zeros(cm.shape, dtype=np.float64), where=row_totals > 0)
     size = 2.5 + 0.8 * num_classes
-    figure = _new_figure(size + 1.5, size)
+    figure = new_figure(size + 1.5, size)
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, label="share of true class")
@@ -145,4 +152,4 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
                       color="white" if shares[row, col] > 0.5 else "black")
     axes.set_title("Validation confusion matrix")
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)

@@ -1,4 +1,5 @@
-"""The network (torchvision ResNet18 with a new head), its starting weights, and the model artifact.
+"""The network (a torchvision backbone from ``dss.backbones`` with a new head), its starting
+weights, and the model artifact.
 
 The artifact (``model.pth``) is a plain-data dict saved with ``torch.save`` and always read
 with ``torch.load(weights_only=True)``: no pickled classes, so loading a file cannot run code.
@@ -18,14 +19,15 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from dss import fileio
+from dss import backbones, fileio, loader
+from dss.backbones import ARCHITECTURES, DEFAULT_ARCH
 
 MODEL_FILENAME = "model.pth"  # the artifact's name in the model dir
 ARTIFACT_FORMAT = "dss-model"
 ARTIFACT_VERSION = 1
-ARCH = "resnet18"
-WEIGHTS_HELP = ("use --weights PATH with a local torchvision resnet18 state dict (.pth), "
-                "or --weights none to train from random initialisation")
+# build_model and load_model_artifact record the architecture on the network under this
+# attribute, so save_model_artifact can store it without being told.
+_ARCH_ATTRIBUTE = "dss_arch"
 # Prefixes that torch.compile and DistributedDataParallel add to parameter names.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -38,40 +40,59 @@ class ModelArtifactError(ValueError):
     """A model artifact is unreadable, unsafe or not in the expected format."""
 
 
-def build_model(num_classes: int, weights: str) -> nn.Module:
-    """ResNet18 with ``num_classes`` outputs. ``weights``: "imagenet" (torchvision's
-    IMAGENET1K_V1, downloaded once to torchvision's cache with its hash checked), "none"
-    (random initialisation), or a path to a local state dict (a torchvision resnet18 ``.pth``
-    or a ``model.pth`` artifact of this pipeline); a head with another class count is replaced."""
-    from torchvision.models import resnet18
+def weights_help(arch: str = DEFAULT_ARCH) -> str:
+    """What to do instead of ``--weights imagenet`` when the download fails."""
+    return (f"use --weights PATH with a local torchvision {arch} state dict (.pth), "
+            "or --weights none to train from random initialisation")
 
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    model = resnet18(weights=None, num_classes=num_classes)
+
+def build_model(num_classes: int, weights: str, arch: str = DEFAULT_ARCH) -> nn.Module:
+    """``arch`` (one of ``ARCHITECTURES``) with ``num_classes`` outputs. ``weights``: "imagenet"
+    (the torchvision weights named in ``dss.backbones``, downloaded once to torchvision's cache
+    with their hash checked), "none" (random initialisation), or a path to a local state dict (a
+    torchvision ``.pth`` of the same arch or a ``model.pth`` artifact of this pipeline); a head
+    with another class count is replaced."""
+    model = backbones.create(arch, num_classes)
+    setattr(model, _ARCH_ATTRIBUTE, arch)
     if weights == "none":
         return model
     if weights == "imagenet":
-        state_dict = _download_imagenet_weights()
-        source = "torchvision ResNet18_Weights.IMAGENET1K_V1"
+        state_dict = _download_imagenet_weights(arch)
+        source = f"torchvision {backbones.backbone(arch).weights}"
     else:
-        state_dict = _read_state_dict_file(weights)
+        state_dict = _read_state_dict_file(weights, arch)
         source = str(weights)
-    _load_backbone(model, state_dict, source)
+    _load_backbone(model, state_dict, source, arch)
     return model
 
 
-def _download_imagenet_weights() -> dict:
-    from torchvision.models import ResNet18_Weights
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside torch.compile (``_orig_mod``) and DDP (``module``) wrappers, nested
+    in any order (a wrapper's only child has one of those names)."""
+    while len(model._modules) == 1:
+        inner = model._modules.get("_orig_mod", model._modules.get("module"))
+        if inner is None:
+            break
+        model = inner
+    return model
 
+
+def model_arch(model: nn.Module) -> str:
+    """The architecture ``build_model``/``load_model_artifact`` recorded on ``model`` (through
+    torch.compile and DDP wrappers); ``DEFAULT_ARCH`` for a network built elsewhere."""
+    return str(vars(unwrap(model)).get(_ARCH_ATTRIBUTE, DEFAULT_ARCH))
+
+
+def _download_imagenet_weights(arch: str) -> dict:
     try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+        return backbones.imagenet_weights(arch).get_state_dict(progress=False, check_hash=True)
     except Exception as error:  # network, DNS, proxy, HTTP, hash mismatch, disk: all mean "no weights"
         raise WeightsError(
-            f"could not download the ImageNet weights for resnet18 ({type(error).__name__}: {error}); "
-            f"{WEIGHTS_HELP}") from error
+            f"could not download the ImageNet weights for {arch} ({type(error).__name__}: {error}); "
+            f"{weights_help(arch)}") from error
 
 
-def _read_state_dict_file(path: str | os.PathLike) -> dict:
+def _read_state_dict_file(path: str | os.PathLike, arch: str = DEFAULT_ARCH) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (--weights takes imagenet, none, or PATH to a .pth file)")
@@ -80,6 +101,10 @@ def _read_state_dict_file(path: str | os.PathLike) -> dict:
     except Exception as error:
         raise WeightsError(f"cannot read weights file {path}: {type(error).__name__}: {error}") from error
     if isinstance(loaded, dict) and loaded.get("format") == ARTIFACT_FORMAT:
+        trained_as = loaded.get("arch", DEFAULT_ARCH)
+        if trained_as != arch:
+            raise WeightsError(f"weights file {path} is a {trained_as} model artifact; train with --arch {trained_as} "
+                               f"to start from it, or pick weights for {arch}")
         loaded = loaded.get("state_dict")
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
@@ -99,21 +124,22 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
             return plain
 
 
-def _load_backbone(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Copy every tensor of ``state_dict`` into ``model``; the head (fc.*) is kept from
+def _load_backbone(model: nn.Module, state_dict: dict, source: str, arch: str) -> None:
+    """Copy every tensor of ``state_dict`` into ``model``; the head (e.g. fc.*) is kept from
     ``state_dict`` only when its shape fits. Anything else that does not match is an error."""
     own = model.state_dict()
+    head = backbones.head_prefix(arch)
     head_skipped = False
     usable = {}
     for name, tensor in state_dict.items():
-        if name.startswith("fc.") and name in own and tensor.shape != own[name].shape:
+        if name.startswith(head) and name in own and tensor.shape != own[name].shape:
             head_skipped = True
             continue
         usable[name] = tensor
     shape_mismatches = [f"{name}: file {tuple(tensor.shape)} vs model {tuple(own[name].shape)}"
                         for name, tensor in usable.items() if name in own and tensor.shape != own[name].shape]
     unexpected = sorted(set(usable) - set(own))
-    missing = sorted(name for name in set(own) - set(usable) if not (head_skipped and name.startswith("fc.")))
+    missing = sorted(name for name in set(own) - set(usable) if not (head_skipped and name.startswith(head)))
     problems = []
     if shape_mismatches:
         problems.append("shape mismatch: " + "; ".join(shape_mismatches[:5]))
@@ -122,7 +148,7 @@ def _load_backbone(model: nn.Module, state_dict: dict, source: str) -> None:
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:5])})")
     if problems:
-        raise WeightsError(f"weights from {source} do not fit a torchvision resnet18: {'; '.join(problems)}")
+        raise WeightsError(f"weights from {source} do not fit a torchvision {arch}: {'; '.join(problems)}")
     model.load_state_dict(usable, strict=False)
 
 
@@ -144,9 +170,11 @@ def _plain(value, where: str):
 
 
 def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: list[str], preprocessing: dict,
-                        hyperparameters: dict) -> None:
+                        hyperparameters: dict, arch: str | None = None) -> None:
     """Write the model artifact atomically. ``preprocessing``: image_size (network input),
-    stored_image_size, resize_policy, mean, std. Loadable with ``torch.load(weights_only=True)``."""
+    stored_image_size, resize_policy, mean, std. ``arch``: None = what ``model_arch(model)``
+    finds. Loadable with ``torch.load(weights_only=True)``."""
+    arch = backbones.backbone(arch or model_arch(model)).name
     required = ("image_size", "stored_image_size", "resize_policy", "mean", "std")
     absent = [key for key in required if key not in preprocessing]
     if absent:
@@ -155,7 +183,7 @@ def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: 
     payload = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
-        "arch": ARCH,
+        "arch": arch,
         "state_dict": state_dict,
         "class_names": [str(name) for name in class_names],
         "preprocessing": _plain(preprocessing, "preprocessing"),
@@ -166,14 +194,24 @@ def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: 
     fileio.write_bytes(path, buffer.getvalue())
 
 
+def artifact_normalisation(artifact: dict) -> loader.Normalisation:
+    """The input mean/std an artifact's network was trained with (its preprocessing)."""
+    preprocessing = artifact["preprocessing"]
+    return loader.Normalisation(preprocessing["mean"], preprocessing["std"])
+
+
+def artifact_temperature(artifact: dict) -> float:
+    """The temperature the training run fitted (``--temperature-scaling``); 1.0 in artifacts without one."""
+    return float(artifact["hyperparameters"].get("temperature", 1.0))
+
+
 def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Read a model artifact -> (ResNet18 in eval mode, dict of everything but the weights:
-    format, version, arch, class_names, preprocessing, hyperparameters).
+    """Read a model artifact -> (its network in eval mode, dict of everything but the weights:
+    format, version, arch, class_names, preprocessing, hyperparameters). An artifact without an
+    ``arch`` field is a resnet18 (the only network before ``--arch``).
 
     Always ``weights_only=True``, explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
     environment cannot switch the unpickler back to one that runs code."""
-    from torchvision.models import resnet18
-
     path = Path(path)
     if not path.is_file():
         raise ModelArtifactError(f"model file not found: {path}")
@@ -185,9 +223,10 @@ def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise ModelArtifactError(f"{path} is not a {ARTIFACT_FORMAT} artifact (was it written by dss_train.py?)")
-    if payload.get("version") != ARTIFACT_VERSION or payload.get("arch") != ARCH:
+    arch = payload.setdefault("arch", DEFAULT_ARCH)
+    if payload.get("version") != ARTIFACT_VERSION or arch not in ARCHITECTURES:
         raise ModelArtifactError(f"{path}: unsupported artifact version {payload.get('version')!r} / "
-                                 f"arch {payload.get('arch')!r} (expected {ARTIFACT_VERSION} / {ARCH})")
+                                 f"arch {arch!r} (expected {ARTIFACT_VERSION} / one of {', '.join(ARCHITECTURES)})")
     for key, kind in (("state_dict", dict), ("class_names", list), ("preprocessing", dict),
                       ("hyperparameters", dict)):
         if not isinstance(payload.get(key), kind):
@@ -195,11 +234,12 @@ def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn
     class_names = payload["class_names"]
     if not class_names or not all(isinstance(name, str) for name in class_names):
         raise ModelArtifactError(f"{path}: field 'class_names' must be a non-empty list of strings")
-    model = resnet18(weights=None, num_classes=len(class_names))
+    model = backbones.create(arch, len(class_names))
+    setattr(model, _ARCH_ATTRIBUTE, arch)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as error:
-        raise ModelArtifactError(f"{path}: weights do not fit resnet18 with {len(class_names)} classes: {error}") from error
+        raise ModelArtifactError(f"{path}: weights do not fit {arch} with {len(class_names)} classes: {error}") from error
     model.eval()
     info = {key: value for key, value in payload.items() if key != "state_dict"}
     return model, info

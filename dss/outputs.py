@@ -1,7 +1,8 @@
 """The files dss_train.py leaves behind, with the column names users and tests depend on.
 
 Model dir: model.pth (dss.model's artifact) and config.json. Output dir: metrics.json,
-metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv, and the plots drawn by
+metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv (the submission) with
+predictions.csv (the same rows, readable: site, predicted class), and the plots drawn by
 dss.metrics. Every file is written atomically through dss.fileio, and a training run's files
 are published together (``StagedFiles``, ``write_all_outputs``): a run that fails while writing
 its outputs leaves the previous run's files as they were.
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dss import fileio, metrics, reporting
+from dss import diagnostics, fileio, metrics, reporting
 from dss import model as model_lib
 from dss.cli import log
 
@@ -30,12 +31,25 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "
                 "epoch_seconds", "train_images_per_s")
 # Order of the fields on the stdout [METRICS] line (fixed: users' regexes depend on it).
 METRICS_LINE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_logloss")
+# The submission (id, then one probability column per class) and its readable twin: these
+# columns, then the same probability columns.
+TEST_PREDICTIONS = "test_predictions.csv"
+PREDICTIONS = "predictions.csv"
+PREDICTIONS_COLUMNS = ("id", "site", "predicted_class", "probability")
 
 
 def metrics_line(record: dict) -> str:
     """``[METRICS] epoch=3 train_loss=0.4123 train_acc=0.8512 val_loss=0.5000 val_acc=0.8000 val_logloss=0.5100``"""
     values = " ".join(f"{name}={float(record[name]):.4f}" for name in METRICS_LINE_FIELDS)
     return f"[METRICS] epoch={int(record['epoch'])} {values}"
+
+
+def best_metrics_line(best: dict) -> str:
+    """``[METRICS] best_epoch=7 best_val_loss=... best_val_acc=... best_val_logloss=...``, printed
+    once at the end: the value a SageMaker hyperparameter tuning job should minimise (its last
+    reported value is the run's best, not the last epoch's)."""
+    values = " ".join(f"best_{name}={float(best[name]):.4f}" for name in ("val_loss", "val_acc", "val_logloss"))
+    return f"[METRICS] best_epoch={int(best['epoch'])} {values}"
 
 
 def _csv_text(header: Sequence[str], rows) -> str:
@@ -52,10 +66,12 @@ def _number(value) -> str:
     return repr(value) if math.isfinite(value) else str(value)
 
 
-def write_metrics(json_path: str | Path, csv_path: str | Path, epochs: list[dict], best: dict, test: dict) -> None:
-    """metrics.json ({"epochs", "best", "test"}; an epoch record may carry more than EPOCH_FIELDS,
-    e.g. "per_class") and metrics.csv (one row per epoch, exactly EPOCH_FIELDS)."""
-    fileio.write_json(json_path, {"epochs": epochs, "best": best, "test": test})
+def write_metrics(json_path: str | Path, csv_path: str | Path, epochs: list[dict], best: dict, test: dict,
+                  extra: dict | None = None) -> None:
+    """metrics.json ({"epochs", "best", "test"}, then the sections of ``extra``, e.g. "calibration";
+    an epoch record may carry more than EPOCH_FIELDS, e.g. "per_class") and metrics.csv (one row per
+    epoch, exactly EPOCH_FIELDS)."""
+    fileio.write_json(json_path, {"epochs": epochs, "best": best, "test": test, **(extra or {})})
     rows = [[int(record["epoch"])] + [_number(record[name]) for name in EPOCH_FIELDS[1:]] for record in epochs]
     fileio.write_text(csv_path, _csv_text(EPOCH_FIELDS, rows))
 
@@ -190,17 +206,36 @@ class StagedFiles:
 
 
 # --------------------------------------------------------------------------- a run's outputs
-def write_test_predictions(path: Path, data_dir: Path, test: dict, probs: np.ndarray, prior: np.ndarray,
-                           class_names: list[str]) -> dict:
-    """Write test_predictions.csv to ``path``: every test id, the ones preprocess skipped (named in
-    its summaries in ``data_dir``) filled with ``prior``; ``probs`` float64 (N_test, C) in the
-    split's row order. Returns a summary for metrics.json."""
+def predictions_dir(model_dir: str | Path, data_dir: str | Path) -> Path:
+    """--predict-only's default output folder: ``<model dir>/predictions/<data dir's name>``, one per
+    data set, apart from the training run's outputs."""
+    return Path(model_dir) / "predictions" / (Path(data_dir).resolve().name or "data")
+
+
+def write_readable_predictions(path: str | Path, order: Sequence[str], sites: dict[str, str], probs: np.ndarray,
+                               class_names: Sequence[str]) -> None:
+    """predictions.csv: per image its id, site ('' where unknown), the most probable class and its
+    probability, then every class probability (the rows and values of the submission)."""
+    top = np.argmax(probs, axis=1)
+    columns = (list(order), [sites.get(image_id, "") for image_id in order], [class_names[k] for k in top],
+               [repr(float(probs[row, k])) for row, k in enumerate(top)])
+    write_probabilities(path, dict(zip(PREDICTIONS_COLUMNS, columns)), probs, class_names)
+
+
+def write_test_predictions(paths: tuple[Path, Path], data_dir: Path, test: dict, probs: np.ndarray,
+                           prior: np.ndarray, class_names: list[str]) -> dict:
+    """Write test_predictions.csv (the submission) to ``paths[0]`` and predictions.csv to
+    ``paths[1]``: every test id, the ones preprocess skipped (named in its summaries in
+    ``data_dir``) filled with ``prior``; ``probs`` float64 (N_test, C) in the split's row order.
+    Returns a summary for metrics.json."""
     skipped = reporting.read_skipped_test_ids(data_dir)
     written = set(test["ids"])
     skipped = [entry for entry in skipped if entry["id"] not in written]
     csv_rows = csv_rows_from_meta(test["meta"])
     order = submission_row_order(test["ids"], csv_rows, skipped)
-    write_probabilities(path, {"id": order}, assemble_test_predictions(test["ids"], probs, order, prior), class_names)
+    table = assemble_test_predictions(test["ids"], probs, order, prior)
+    write_probabilities(paths[0], {"id": order}, table, class_names)
+    write_readable_predictions(paths[1], order, dict(zip(test["ids"], test["sites"])), table, class_names)
     if skipped:
         log.info(f"warning: {len(skipped)} test image(s) skipped by preprocess got the training class prior: "
                  + ", ".join(f"{entry['id']} ({entry['reason']})" for entry in skipped[:10])
@@ -220,7 +255,7 @@ class RunResult:
     history: list[dict]            # one record per epoch: EPOCH_FIELDS, then "per_class"
     best: dict                     # the best epoch's scores, per-class report and confusion matrix
     best_model: dict               # the best epoch's state dict
-    best_val_probs: np.ndarray     # float64 (N_val, C), validation rows in split order
+    best_val_probs: np.ndarray     # float64 (N_val, C), validation rows in split order (calibrated)
     train: dict                    # the train split: ids, sites, labels
     is_val: np.ndarray             # bool (N_train,), True = validation
     test: dict | None              # the test split; None when preprocess wrote train data only
@@ -230,7 +265,25 @@ class RunResult:
     class_names: list[str]
     preprocessing: dict            # stored in model.pth, so inference preprocesses as training did
     config: dict                   # config.json
-    hyperparameters: dict          # stored in model.pth
+    hyperparameters: dict          # stored in model.pth: the recipe (with "arch"), "tta", "temperature"
+    calibration: dict              # metrics.json's "calibration": temperature, log loss and ECE before/after
+    top_losses: tuple              # (validation row indices, uint8 (k, H, W, 3) images), highest loss first
+
+
+def write_diagnostics(stage: StagedFiles, result: RunResult) -> dict:
+    """Where the model fails, from the validation predictions as val_predictions.csv holds them:
+    site_metrics.csv, calibration.png and top_losses.png (staged in the output dir). Returns
+    metrics.json's "calibration" record with the ECE of those predictions ("ece")."""
+    folder, train, val_index = result.output_dir, result.train, np.flatnonzero(result.is_val)
+    labels, probs = np.asarray(train["labels"])[val_index], result.best_val_probs
+    table = diagnostics.site_metrics([train["sites"][i] for i in val_index], labels, probs, result.class_names)
+    diagnostics.write_site_metrics(stage.path(folder / "site_metrics.csv"), table)
+    ece = diagnostics.plot_calibration(probs, labels, stage.path(folder / "calibration.png"))
+    order, images = result.top_losses
+    diagnostics.plot_top_losses(images, labels[order], probs[order], result.class_names,
+                                stage.path(folder / "top_losses.png"), k=len(order),
+                                ids=[train["ids"][val_index[i]] for i in order])
+    return {**result.calibration, "ece": ece}
 
 
 def write_all_outputs(result: RunResult) -> None:
@@ -247,22 +300,24 @@ def write_all_outputs(result: RunResult) -> None:
             {"id": [train["ids"][i] for i in val_index], "site": [train["sites"][i] for i in val_index],
              "label": [class_names[int(k)] for k in train["labels"][val_index]]},
             result.best_val_probs, class_names)
-        test_path = output_dir / "test_predictions.csv"
+        test_path, readable_path = output_dir / TEST_PREDICTIONS, output_dir / PREDICTIONS
         if result.test is not None:
-            test_summary = write_test_predictions(stage.path(test_path), result.data_dir, result.test,
-                                                  result.test_probs, result.prior, class_names)
+            test_summary = write_test_predictions((stage.path(test_path), stage.path(readable_path)), result.data_dir,
+                                                  result.test, result.test_probs, result.prior, class_names)
         else:
-            # An earlier run's submission beside this run's model would be taken for this model's.
+            # An earlier run's predictions beside this run's model would be taken for this model's.
             stage.remove(test_path)
+            stage.remove(readable_path)
             test_summary = {}
         test_summary.update(result.test_info)
+        calibration_record = write_diagnostics(stage, result)
         write_metrics(stage.path(output_dir / "metrics.json"), stage.path(output_dir / "metrics.csv"),
-                      result.history, result.best, test_summary)
+                      result.history, result.best, test_summary, {"calibration": calibration_record})
         metrics.plot_training_curves(result.history, stage.path(output_dir / "training_curves.png"))
         metrics.plot_confusion_matrix(np.asarray(result.best["confusion_matrix"]), class_names,
                                       stage.path(output_dir / "confusion_matrix.png"))
         fileio.write_json(stage.path(model_dir / "config.json"), result.config)
-        network = model_lib.build_model(len(class_names), "none")
+        network = model_lib.build_model(len(class_names), "none", result.hyperparameters["arch"])
         network.load_state_dict(result.best_model)
         # model.pth staged (so published) last: its presence means the whole run succeeded.
         model_lib.save_model_artifact(stage.path(model_dir / model_lib.MODEL_FILENAME), network, class_names,
@@ -270,4 +325,4 @@ def write_all_outputs(result: RunResult) -> None:
         for removed in stage.publish():
             log.info(f"removed {removed} (from an earlier run; this data has no test split)")
     if result.test is not None:
-        log.info(f"test predictions: {test_summary['num_images']} rows -> {test_path}")
+        log.info(f"test predictions: {test_summary['num_images']} rows -> {test_path} (submission), {readable_path}")

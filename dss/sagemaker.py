@@ -21,6 +21,7 @@ again. A failed Processing run leaves its reason in ``/opt/ml/output/message`` (
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -205,6 +206,34 @@ def checkpoint_dir(environ=None) -> str | None:
     return env.get("SM_CHECKPOINT_DIR", "/opt/ml/checkpoints")
 
 
+JOB_NAME_FIELD = "{job_name}"  # in --checkpoint-dir: replaced by the training job's name
+
+
+def job_name(environ=None) -> str | None:
+    """The training job's name: ``TRAINING_JOB_NAME`` (set by SageMaker in every training container),
+    else the ``job_name`` of the toolkit's ``SM_TRAINING_ENV``; None outside SageMaker."""
+    env = os.environ if environ is None else environ
+    if env.get("TRAINING_JOB_NAME"):
+        return env["TRAINING_JOB_NAME"]
+    try:
+        return json.loads(env.get("SM_TRAINING_ENV") or "{}").get("job_name") or None
+    except (ValueError, AttributeError):
+        return None
+
+
+def expand_job_name(path: str, environ=None) -> str:
+    """``path`` with ``{job_name}`` replaced by this training job's name, so that the jobs of a
+    hyperparameter tuning job (which share one checkpoint_s3_uri) keep their checkpoints apart while
+    a restarted spot job (same name) finds its own. An error when the name is unknown."""
+    if JOB_NAME_FIELD not in path:
+        return path
+    name = job_name(environ)
+    if not name:
+        raise ValueError(f"--checkpoint-dir {path} contains {JOB_NAME_FIELD}, but no training job name is known "
+                         "(TRAINING_JOB_NAME is not set): use it only in SageMaker training jobs")
+    return path.replace(JOB_NAME_FIELD, name)
+
+
 def write_failure(reason: str, environ=None) -> Path | None:
     """Write the failure reason where SageMaker shows it (``$SM_OUTPUT_DIR/failure``).
 
@@ -229,3 +258,11 @@ def report_failure(message: str) -> None:
     write_failure(message)
     with contextlib.suppress(OSError):  # a read-only /opt/ml must not hide the real error
         write_exit_message(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument error is a failed job too: SageMaker shows the reason from the failure file."""
+
+    def error(self, message: str):
+        write_failure(f"invalid arguments: {message}")
+        super().error(message)

@@ -3,11 +3,14 @@
     python -m dss.sample data/demo                                  # 1,200 train / 300 test, real frame sizes
     python -m dss.sample /tmp/tiny --train 160 --test 40 --scale 0.1   # tiny frames for tests
     python -m dss.sample /tmp/demo --seed 3                         # another draw of the same design
+    python -m dss.sample /tmp/hard --shift strong --test-labels     # stronger site shift, test labels for scoring
 
 Writes, under DIR:
     train_features/ZJ000000.jpg ...   test_features/ZJ001200.jpg ...
     train_labels.csv      id + one one-hot column (0.0/1.0) per class, in CLASS_NAMES order
     train_features.csv    id, filepath, site          (test_features.csv likewise)
+    test_labels.csv       only with --test-labels: the test split's classes, as train_labels.csv
+                          (for scoring on held-out sites; the competition keeps these hidden)
 
 What the frames imitate (so the pipeline meets the same problems as on the real set):
 - frame sizes 960x540, 640x360 and 360x240 (times ``scale``), one size per camera site;
@@ -19,6 +22,12 @@ What the frames imitate (so the pipeline meets the same problems as on the real 
   (spotted long body for leopard, banded tail for civet/genet, tall dark bulk for hog, ...), at a
   random place, size, facing and brightness, with distractors (branches, rocks) and sensor noise.
   Animals stay visible after the whole frame is squashed to 64x64.
+
+``--shift strong`` draws a harder variant of the same design, for benchmarks of how a recipe holds up
+on unseen sites: every site also gets its own colour cast and contrast of the scene, exposure, sensor
+noise level and camera distance (animal size, x0.6 to x1.35), its share of infrared frames ranges from
+none to almost all, and its class mix is far more lopsided (class affinities gamma(0.25) instead of
+gamma(2)). ``--shift normal`` (the default) draws exactly the bytes it always has.
 
 The same seed gives byte-identical files (seeded numpy Generators per site and per image, fixed
 JPEG settings, nothing taken from the clock). Every JPEG carries a comment marker, which is how a
@@ -34,7 +43,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +75,32 @@ _DAY_FACTOR = {
     "antelope_duiker": 1.2, "bird": 1.6, "blank": 1.0, "civet_genet": 0.2, "hog": 1.0,
     "leopard": 0.7, "monkey_prosimian": 1.8, "rodent": 0.5,
 }
-_LAYOUT_FILES = ("train_labels.csv", "train_features.csv", "test_features.csv")
-_IMAGE_DIRS = {"train": "train_features", "test": "test_features"}
+_LAYOUT_FILES = ("train_labels.csv", "train_features.csv", "test_features.csv", "test_labels.csv")
+IMAGE_DIRS = {"train": "train_features", "test": "test_features"}
+SHIFTS = ("normal", "strong")
+# Per shift: the range of a site's share of daylight (colour) frames, and the gamma shape of its
+# class affinities (smaller: more lopsided class mixes per site).
+_SHIFT_DRAWS = {"normal": ((0.1, 0.45), 2.0), "strong": ((0.0, 0.9), 0.25)}
+
+
+@dataclass(frozen=True)
+class SiteDesign:
+    """How many camera sites each split has, and how much sites differ (one of SHIFTS)."""
+
+    train_sites: int = DEFAULT_TRAIN_SITES
+    test_sites: int = DEFAULT_TEST_SITES
+    shift: str = "normal"
+
+
+@dataclass(frozen=True)
+class SiteLook:
+    """What a camera adds to its frames under the strong site shift (the normal demo has none)."""
+
+    tint: tuple             # per-channel gain of the scene (R, G, B): the site's colour cast
+    contrast: float         # the scene's contrast around its mean
+    gain: float             # exposure of every frame of the site
+    noise: float            # multiplier on the sensor noise
+    animal_scale: float     # camera distance: animals look this much larger (>1) or smaller
 _ID_RE = re.compile(r"^ZJ\d{6}\.jpg$")
 
 
@@ -85,6 +118,7 @@ class Site:
     class_affinity: tuple   # relative frequency of each class at this site
     night_gamma: float      # tone curve of the infrared frames
     night_gain: float
+    look: SiteLook | None = None  # strong site shift only
 
 
 # --------------------------------------------------------------------------- planning
@@ -104,32 +138,46 @@ def allocate_counts(total: int, shares) -> np.ndarray:
     return counts
 
 
-def make_sites(plan_rng: np.random.Generator, n_train_sites: int, n_test_sites: int, scale: float,
-               frame_sizes=None) -> list[Site]:
+def draw_look(plan_rng: np.random.Generator) -> SiteLook:
+    """One site's camera under the strong site shift."""
+    return SiteLook(
+        tint=tuple(float(t) for t in plan_rng.uniform(0.65, 1.35, size=3)),
+        contrast=float(plan_rng.uniform(0.6, 1.4)),
+        gain=float(np.exp(plan_rng.uniform(np.log(0.55), np.log(1.5)))),
+        noise=float(plan_rng.uniform(1.0, 4.0)),
+        animal_scale=float(np.exp(plan_rng.uniform(np.log(0.6), np.log(1.35)))),
+    )
+
+
+def make_sites(plan_rng: np.random.Generator, design: SiteDesign, scale: float, frame_sizes=None) -> list[Site]:
     """Train sites then test sites, with distinct random names like ``S0117``.
 
     ``frame_sizes``: None for the real mix (FRAME_SIZES with FRAME_SIZE_WEIGHTS), else a list of
     (width, height) drawn with equal weights (a benchmark asks for 960x540 only)."""
     sizes, weights = (FRAME_SIZES, FRAME_SIZE_WEIGHTS) if frame_sizes is None else (
         list(frame_sizes), [1 / len(frame_sizes)] * len(frame_sizes))
-    numbers = plan_rng.permutation(np.arange(FIRST_SITE_NUMBER, FIRST_SITE_NUMBER + 4 * (n_train_sites + n_test_sites)))
+    n_sites = design.train_sites + design.test_sites
+    day_range, affinity_shape = _SHIFT_DRAWS[design.shift]
+    numbers = plan_rng.permutation(np.arange(FIRST_SITE_NUMBER, FIRST_SITE_NUMBER + 4 * n_sites))
     sites = []
-    for index in range(n_train_sites + n_test_sites):
+    for index in range(n_sites):
         size = sizes[plan_rng.choice(len(sizes), p=weights)]
         width, height = scaled_frame_size(size, scale)
         sites.append(Site(
             name=f"S{numbers[index]:04d}",
-            split="train" if index < n_train_sites else "test",
+            split="train" if index < design.train_sites else "test",
             index=index,
             width=width,
             height=height,
             weight=float(plan_rng.gamma(2.0, 1.0)),
-            day_fraction=float(plan_rng.uniform(0.1, 0.45)),
+            day_fraction=float(plan_rng.uniform(*day_range)),
             # gamma(2) per class: every class occurs everywhere, but mixes differ by site.
-            class_affinity=tuple(float(a) for a in plan_rng.gamma(2.0, 1.0, size=len(CLASS_NAMES))),
+            class_affinity=tuple(float(a) for a in plan_rng.gamma(affinity_shape, 1.0, size=len(CLASS_NAMES))),
             night_gamma=float(plan_rng.uniform(0.7, 1.0)),
             night_gain=float(plan_rng.uniform(0.8, 1.15)),
         ))
+    if design.shift == "strong":  # drawn after every site, so the normal design's draws stay as they were
+        sites = [replace(site, look=draw_look(plan_rng)) for site in sites]
     return sites
 
 
@@ -169,7 +217,7 @@ def _check_target(root: Path) -> list[Path]:
     for entry in sorted(root.iterdir()):
         if entry.name in _LAYOUT_FILES and entry.is_file():
             continue
-        if entry.name in _IMAGE_DIRS.values() and entry.is_dir():
+        if entry.name in IMAGE_DIRS.values() and entry.is_dir():
             for image in sorted(entry.iterdir()):
                 if not (_ID_RE.match(image.name) and image.is_file() and _is_demo_jpeg(image)):
                     raise FileExistsError(
@@ -199,13 +247,15 @@ class _Written:
         return sorted({site for _, site, _ in self.rows[split]})
 
 
-def _check_arguments(n_train: int, n_test: int, scale: float, n_train_sites: int, n_test_sites: int) -> None:
+def _check_arguments(n_train: int, n_test: int, scale: float, design: SiteDesign) -> None:
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got n_train={n_train}, n_test={n_test}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    if n_train_sites < 1 or n_test_sites < 1:
-        raise ValueError(f"need at least one train and one test site, got {n_train_sites} and {n_test_sites}")
+    if design.train_sites < 1 or design.test_sites < 1:
+        raise ValueError(f"need at least one train and one test site, got {design.train_sites} and {design.test_sites}")
+    if design.shift not in SHIFTS:
+        raise ValueError(f"shift must be one of {', '.join(SHIFTS)}, got {design.shift!r}")
 
 
 def _write_frames(root: Path, seed: int, split_sites: dict[str, list[Site]], counts: dict[str, int],
@@ -220,7 +270,7 @@ def _write_frames(root: Path, seed: int, split_sites: dict[str, list[Site]], cou
     for split, count in counts.items():
         labels, site_choice = plan_split(plan_rng, split_sites[split], count)
         day_draws = plan_rng.random(count)
-        folder = root / _IMAGE_DIRS[split]
+        folder = root / IMAGE_DIRS[split]
         folder.mkdir(parents=True, exist_ok=True)
         for label, site_position, day_draw in zip(labels, site_choice, day_draws):
             site = split_sites[split][site_position]
@@ -240,28 +290,34 @@ def _write_frames(root: Path, seed: int, split_sites: dict[str, list[Site]], cou
     return written
 
 
-def _write_csvs(root: Path, rows: dict) -> None:
-    """The features CSVs of both splits and the train labels, one-hot in CLASS_NAMES order."""
+def write_layout_csvs(root: str | os.PathLike, rows: dict, class_names=CLASS_NAMES, test_labels: bool = False) -> None:
+    """The Conser-vision CSVs: ``{split}_features.csv`` (id, filepath, site) of both splits and
+    ``train_labels.csv`` (one-hot in ``class_names`` order); ``test_labels.csv`` too when
+    ``test_labels``. ``rows``: split -> [(id, site, class index)], images at IMAGE_DIRS[split]/<id>.jpg."""
+    root = Path(root)
     for split in ("train", "test"):
-        lines = ["id,filepath,site"] + [f"{i},{_IMAGE_DIRS[split]}/{i}.jpg,{s}" for i, s, _ in rows[split]]
+        lines = ["id,filepath,site"] + [f"{i},{IMAGE_DIRS[split]}/{i}.jpg,{s}" for i, s, _ in rows[split]]
         fileio.write_text(root / f"{split}_features.csv", "\n".join(lines) + "\n")
-    one_hot = [",".join("1.0" if c == label else "0.0" for c in range(len(CLASS_NAMES))) for _, _, label in rows["train"]]
-    lines = ["id," + ",".join(CLASS_NAMES)] + [f"{row[0]},{values}" for row, values in zip(rows["train"], one_hot)]
-    fileio.write_text(root / "train_labels.csv", "\n".join(lines) + "\n")
+    for split in ("train", "test") if test_labels else ("train",):
+        one_hot = [",".join("1.0" if c == label else "0.0" for c in range(len(class_names)))
+                   for _, _, label in rows[split]]
+        lines = ["id," + ",".join(class_names)] + [f"{row[0]},{values}" for row, values in zip(rows[split], one_hot)]
+        fileio.write_text(root / f"{split}_labels.csv", "\n".join(lines) + "\n")
 
 
 def write_demo_dataset(root: str | os.PathLike, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST,
-                       seed: int = 0, scale: float = 1.0, n_train_sites: int = DEFAULT_TRAIN_SITES,
-                       n_test_sites: int = DEFAULT_TEST_SITES, frame_sizes=None) -> dict:
+                       seed: int = 0, scale: float = 1.0, frame_sizes=None, design: SiteDesign = SiteDesign(),
+                       test_labels: bool = False) -> dict:
     """Write a synthetic dataset in the Conser-vision layout under ``root``; return a summary.
 
     ``scale`` multiplies the real frame sizes (0.1 gives about 96x54 frames); ``frame_sizes``, a list of
-    (width, height), replaces the real mix of sizes (before ``scale``). A folder that already
+    (width, height), replaces the real mix of sizes (before ``scale``); ``design`` sets the number of
+    sites per split and the site shift; ``test_labels`` also writes test_labels.csv. A folder that already
     holds an earlier demo is replaced (its old frames are removed); any other content is refused.
     The summary: root, n_train, n_test, class_counts / test_class_counts (name -> count),
     train_sites / test_sites (names), grey_frames (count over both splits), frame_sizes ("WxH" -> count).
     """
-    _check_arguments(n_train, n_test, scale, n_train_sites, n_test_sites)
+    _check_arguments(n_train, n_test, scale, design)
     root = Path(root)
     old_images = _check_target(root)
     # The CSVs go first and come back last: a run killed midway leaves no CSV naming missing frames.
@@ -271,10 +327,10 @@ def write_demo_dataset(root: str | os.PathLike, n_train: int = DEFAULT_N_TRAIN, 
         image.unlink()
 
     plan_rng = np.random.default_rng([seed, 0])
-    sites = make_sites(plan_rng, n_train_sites, n_test_sites, scale, frame_sizes)
-    split_sites = {"train": sites[:n_train_sites], "test": sites[n_train_sites:]}
+    sites = make_sites(plan_rng, design, scale, frame_sizes)
+    split_sites = {"train": sites[:design.train_sites], "test": sites[design.train_sites:]}
     written = _write_frames(root, seed, split_sites, {"train": n_train, "test": n_test}, plan_rng)
-    _write_csvs(root, written.rows)
+    write_layout_csvs(root, written.rows, test_labels=test_labels)
     return {
         "root": str(root),
         "n_train": n_train,
@@ -306,6 +362,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same bytes")
     parser.add_argument("--scale", type=_positive_float, default=1.0,
                         help="multiplier on the real frame sizes 960x540/640x360/360x240 (min 16 px a side)")
+    parser.add_argument("--shift", choices=SHIFTS, default="normal",
+                        help="how much camera sites differ: 'normal' (the demo) or 'strong' (own colour cast, "
+                             "exposure, noise, animal size, share of infrared and a lopsided class mix per site)")
+    parser.add_argument("--test-labels", action="store_true",
+                        help="also write test_labels.csv (the test split's classes, for scoring on held-out sites)")
     return parser.parse_args(argv)
 
 
@@ -313,14 +374,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
-        summary = write_demo_dataset(args.root, n_train=args.train, n_test=args.test, seed=args.seed, scale=args.scale)
+        summary = write_demo_dataset(args.root, n_train=args.train, n_test=args.test, seed=args.seed, scale=args.scale,
+                                     design=SiteDesign(shift=args.shift), test_labels=args.test_labels)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
     print(f"wrote demo dataset {summary['root']}: {summary['n_train']} train / {summary['n_test']} test images, "
           f"{len(summary['train_sites'])} train / {len(summary['test_sites'])} test sites, "
-          f"{summary['grey_frames']} grey, sizes {summary['frame_sizes']}, {seconds:.1f} s")
+          f"{summary['grey_frames']} grey, sizes {summary['frame_sizes']}"
+          + (f", {args.shift} site shift" if args.shift != "normal" else "")
+          + (", test labels" if args.test_labels else "") + f", {seconds:.1f} s")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Drawing for the demo data generator (``dss.sample``): site backgrounds, the seven animals, and
-camera effects (infrared tone curve, flash vignette, sensor noise).
+camera effects (infrared tone curve, flash vignette, sensor noise), plus each site's ``SiteLook``
+(colour cast, contrast, exposure, noise level, animal size) under the strong site shift.
 
 Every random choice comes from the numpy Generator passed in, so a seed gives the same pixels.
 Frames are (height, width, 3) uint8 RGB; animal shapes are laid out in body lengths by ``_Pose``.
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 if TYPE_CHECKING:
-    from dss.sample import Site
+    from dss.sample import Site, SiteLook
 
 
 # --------------------------------------------------------------------------- backgrounds
@@ -68,7 +69,15 @@ def render_background(seed: int, site: Site) -> np.ndarray:
 
     scene = np.asarray(image, dtype=np.float32)
     scene = scene * rng.uniform(0.7, 1.2) + rng.uniform(3, 10) * rng.standard_normal((height, width, 1), dtype=np.float32)
+    if site.look is not None:
+        scene = _cast(scene, site.look)
     return np.clip(scene, 0, 255).astype(np.uint8)
+
+
+def _cast(scene: np.ndarray, look: SiteLook) -> np.ndarray:
+    """The strong site shift's scene: contrast around the scene's mean, then the colour cast."""
+    mean = scene.mean()
+    return ((scene - mean) * look.contrast + mean) * np.asarray(look.tint, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- animals
@@ -269,10 +278,11 @@ def _draw_distractor(draw, rng, width: int, height: int):
 
 
 def draw_animal(draw: ImageDraw.ImageDraw, class_name: str, width: int, height: int,
-                rng: np.random.Generator, is_day: bool) -> None:
-    """Draw one ``class_name`` animal at a random place, size, facing and brightness."""
+                rng: np.random.Generator, is_day: bool, scale: float = 1.0) -> None:
+    """Draw one ``class_name`` animal at a random place, size, facing and brightness; ``scale``
+    multiplies its size (the camera's distance under the strong site shift)."""
     draw_body, length_range, centre_range, eye = _ANIMALS[class_name]
-    length = rng.uniform(*length_range) * height * rng.uniform(0.85, 1.2)
+    length = rng.uniform(*length_range) * height * rng.uniform(0.85, 1.2) * scale
     pose = _Pose(draw, x0=rng.uniform(0.12, 0.88) * width, y0=rng.uniform(*centre_range) * height,
                  length_px=length, direction=int(rng.choice((-1, 1))), tilt=rng.uniform(-0.15, 0.15))
     draw_body(pose, rng, rng.uniform(0.7, 1.3))
@@ -285,29 +295,33 @@ def render_frame(site: Site, background: np.ndarray, class_name: str, rng: np.ra
     """One RGB frame of ``site`` showing ``class_name`` (no animal for ``blank``).
 
     Night frames are converted to grey (R=G=B) after drawing, with the infrared tone curve,
-    a flash vignette and per-pixel noise shared by all three channels.
+    a flash vignette and per-pixel noise shared by all three channels. A site with a ``look``
+    (strong site shift) scales the animal, the exposure and the noise.
     """
     height, width = background.shape[:2]
     frame = Image.fromarray(background)
     draw = ImageDraw.Draw(frame)
+    # 1.0 leaves the normal demo's numbers exactly as they were (x * 1.0 == x).
+    animal_scale, gain, noise = (1.0, 1.0, 1.0) if site.look is None else (
+        site.look.animal_scale, site.look.gain, site.look.noise)
     if rng.random() < (0.6 if class_name == "blank" else 0.3):
         _draw_distractor(draw, rng, width, height)
     if class_name != "blank":
-        draw_animal(draw, class_name, width, height, rng, is_day)
+        draw_animal(draw, class_name, width, height, rng, is_day, animal_scale)
     if rng.random() < 0.15:  # motion or focus blur
         frame = frame.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.5, 2.0) * height / 540))
 
-    exposure = rng.uniform(0.8, 1.2)
+    exposure = rng.uniform(0.8, 1.2) * gain
     if is_day:
         pixels = np.asarray(frame, dtype=np.float32) * exposure
-        pixels += rng.uniform(2, 5) * _sensor_noise(rng, width, height, 3)
+        pixels += rng.uniform(2, 5) * noise * _sensor_noise(rng, width, height, 3)
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     # Infrared: luminance through the site's tone curve (a 256-entry table), the flash vignette,
     # then noise shared by R, G and B so the stored pixels stay exactly grey.
     levels = np.arange(256, dtype=np.float32)
     tone_curve = 255 * np.clip(levels * exposure / 255, 0, 1) ** site.night_gamma * site.night_gain
     grey = tone_curve[np.asarray(frame.convert("L"))] * _flash_vignette(width, height)
-    grey += rng.uniform(4, 10) * _sensor_noise(rng, width, height, 1)[:, :, 0]
+    grey += rng.uniform(4, 10) * noise * _sensor_noise(rng, width, height, 1)[:, :, 0]
     return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
 
 

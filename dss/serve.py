@@ -69,6 +69,8 @@ class ServedModel:
     device: torch.device
     amp_dtype: torch.dtype | None
     tta: bool  # average with the horizontally flipped image, as the run's test predictions did
+    normalisation: loader.Normalisation  # the network's input mean/std, from the artifact
+    temperature: float  # the run's fitted temperature (1.0: none)
 
 
 def _media_type(value: str | None) -> str:
@@ -111,6 +113,8 @@ def model_fn(model_dir: str, context=None) -> ServedModel:
         device=device,
         amp_dtype=amp_dtype,
         tta=bool(artifact["hyperparameters"].get("tta", False)),
+        normalisation=model_lib.artifact_normalisation(artifact),
+        temperature=model_lib.artifact_temperature(artifact),
     )
 
 
@@ -172,8 +176,9 @@ def predict_fn(data: list[bytes], model: ServedModel, context=None) -> dict:
     """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64}``,
     rows in request order, from the shared ``engine.predict_probs``."""
     pixels = decode_batch(data, model.image_size, model.resize_policy)
-    how = engine.Inference(PREDICT_BATCH_SIZE, model.input_size, model.amp_dtype, tta=model.tta)
-    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), how)
+    how = engine.Inference(PREDICT_BATCH_SIZE, model.input_size, model.amp_dtype, tta=model.tta,
+                           normalisation=model.normalisation)
+    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), how, model.temperature)
     return {"class_names": list(model.class_names), "probs": probs}
 
 

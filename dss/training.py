@@ -1,7 +1,7 @@
 """The parts of a training run that dss_train.py's ``train`` puts together, each built in one place:
 the settings (flags with the paths resolved) and the three records derived from them (config.json,
 the checkpoint fingerprint, the artifact's hyperparameters), the device and seeds, the network,
-loss and schedule, the SIGTERM stop flag, and the per-epoch record and log lines.
+loss and schedule, the stop flag (SIGTERM, Ctrl-C), and the per-epoch record and log lines.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dss import distributed, engine, fileio, loader, outputs, sagemaker
+from dss import backbones, checkpoint, distributed, engine, fileio, loader, outputs, reporting, sagemaker, tracking
 from dss import model as model_lib
 from dss.cli import log
+from dss.ema import WeightEMA
 
 if TYPE_CHECKING:
     from dss.checkpoint import TrainingState
@@ -30,26 +31,48 @@ if TYPE_CHECKING:
 # Seconds a socket operation of the ImageNet weights download may stall (not the whole download):
 # torch.hub's urlopen has no timeout, so a network that drops packets would hang the job forever.
 WEIGHTS_DOWNLOAD_TIMEOUT_S = 60.0
+# The signals that stop a run at the next step, as its messages name them.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 # The flags that decide what the weights become: a checkpoint made with other values cannot
 # continue this run (with the validation split's ``split_by``, they are the checkpoint
 # fingerprint's settings), and model.pth records them as its hyperparameters.
 RECIPE = ("epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
-          "class_weights", "weights", "seed", "val_fraction")
+          "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, no GPU when one was asked for...)."""
 
+    @classmethod
+    def non_finite(cls, exc: engine.NonFiniteLossError) -> TrainingError:
+        return cls(f"non-finite loss at epoch {exc.epoch}, step {exc.step}: training stopped, no checkpoint or "
+                   "model written from these weights; lower --learning-rate or check the data")
+
 
 class TrainingInterrupted(Exception):
-    """SIGTERM arrived; a checkpoint was saved when there is a checkpoint dir."""
+    """SIGTERM or Ctrl-C (SIGINT) stopped the run; ``exit_code`` is 128 + the signal's number
+    (143, 130). Stopped at a step, a checkpoint was saved when there is a checkpoint dir."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
     @classmethod
-    def at(cls, epoch: int, step_in_epoch: int, steps_per_epoch: int, saved: bool) -> TrainingInterrupted:
-        where = f"stopped by SIGTERM in epoch {epoch} at step {step_in_epoch} of {steps_per_epoch}"
+    def at(cls, epoch: int, step_in_epoch: int, steps_per_epoch: int, saved: bool,
+           signum: int | None = signal.SIGTERM) -> TrainingInterrupted:
+        signum = signum or signal.SIGTERM  # a DDP rank stopped by another rank's signal
+        where = f"stopped by {SIGNAL_NAMES[signum]} in epoch {epoch} at step {step_in_epoch} of {steps_per_epoch}"
         what = ("checkpoint saved, re-run with the same --checkpoint-dir to resume" if saved
                 else "nothing saved: no --checkpoint-dir was given")
-        return cls(f"{where}; {what}")
+        return cls(f"{where}; {what}", signum)
+
+    @classmethod
+    def at_once(cls, checkpoint_dir: str | None, predict_only: bool = False) -> TrainingInterrupted:
+        """Ctrl-C outside the training loop, or a second Ctrl-C in it: the run stopped where it was."""
+        what = ("no predictions written" if predict_only else
+                "re-run with the same --checkpoint-dir to resume from its newest complete checkpoint"
+                if checkpoint_dir else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"stopped at once by {SIGNAL_NAMES[signal.SIGINT]}; {what}", signal.SIGINT)
 
 
 # --------------------------------------------------------------------------- settings
@@ -63,6 +86,7 @@ class Settings:
     model_dir: Path
     output_dir: Path
     checkpoint_dir: Path | None
+    keep_checkpoints: int
     epochs: int
     batch_size: int
     learning_rate: float
@@ -70,31 +94,46 @@ class Settings:
     weight_decay: float
     warmup_epochs: float
     label_smoothing: float
+    ema_decay: float
     class_weights: str
     patience: int
+    arch: str
     weights: str
     image_size: int | None
     seed: int
     val_fraction: float
     split_by: str | None
     predict_only: bool
+    overwrite: bool
     device: str
     compile: bool
     tta: bool
+    temperature_scaling: bool
     data_in_memory: str
     eval_batch_size: int
     num_threads: int | None
+    mlflow: bool | None
+    mlflow_experiment: str | None
+    mlflow_log_model: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        """Paths: a flag wins; then SageMaker's SM_* variables; then the local defaults."""
+        """Paths: a flag wins; then SageMaker's SM_* variables; then the local defaults (the output
+        dir of --predict-only: a folder per data dir under the model dir, never the model dir)."""
         model_dir = args.model_dir or sagemaker.model_dir() or "./models"
+        data_dir = args.data_dir or sagemaker.training_channel() or "./output"
         sagemaker_output = sagemaker.output_data_dir() if sagemaker.under_sagemaker() else None
-        checkpoint_dir = args.checkpoint_dir or sagemaker.checkpoint_dir()
-        paths = {"data_dir": Path(args.data_dir or sagemaker.training_channel() or "./output"),
-                 "model_dir": Path(model_dir), "output_dir": Path(args.output_dir or sagemaker_output or model_dir),
+        local_output = outputs.predictions_dir(model_dir, data_dir) if args.predict_only else model_dir
+        checkpoint_dir = sagemaker.expand_job_name(args.checkpoint_dir or sagemaker.checkpoint_dir() or "")
+        paths = {"data_dir": Path(data_dir), "model_dir": Path(model_dir),
+                 "output_dir": Path(args.output_dir or sagemaker_output or local_output),
                  "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
         return cls(**{**vars(args), **paths})
+
+    def tracking(self) -> tracking.TrackingSettings:
+        """MLflow tracking as asked for by the flags and MLFLOW_TRACKING_URI; raises
+        tracking.TrackingError when it is asked for and mlflow is not installed."""
+        return tracking.resolve(self.mlflow, self.mlflow_experiment, self.mlflow_log_model)
 
     def recipe(self, split_by: str) -> dict:
         """The ``RECIPE`` flags and the validation split's resolved ``split_by``."""
@@ -117,6 +156,14 @@ def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: dist
     return fingerprint
 
 
+def run_checkpoints(settings: Settings, data: TrainingData, context: distributed.Context) -> checkpoint.RunCheckpoints:
+    """This run's checkpoints: --checkpoint-dir, --keep-checkpoints, the fingerprint a checkpoint
+    must match, and the model.pth a refusal may suggest fine-tuning from."""
+    return checkpoint.RunCheckpoints(settings.checkpoint_dir, checkpoint_fingerprint(settings, data, context), context,
+                                     keep=settings.keep_checkpoints,
+                                     model_path=settings.model_dir / model_lib.MODEL_FILENAME)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Optimizer steps per epoch, of linear warm-up and in all. ``--batch-size`` is per process
@@ -135,9 +182,10 @@ class Schedule:
 
 def run_config(settings: Settings, data: TrainingData, context: distributed.Context, schedule: Schedule,
                resumed_from: Path | None) -> dict:
-    """config.json: every flag, then what this run resolved from them (saved next to the model)."""
+    """config.json: every flag (num_threads: the count in use, also when it was the default), then
+    what this run resolved from them (saved next to the model)."""
     return {
-        **settings.flags(),
+        **settings.flags(), "num_threads": torch.get_num_threads(),
         "split_by": data.split_by, "image_size": data.input_size, "stored_image_size": data.stored_size,
         "resize_policy": data.resize_policy, "device": str(context.device),
         "precision": precision_name(context.device), "torch_version": torch.__version__,
@@ -150,17 +198,28 @@ def run_config(settings: Settings, data: TrainingData, context: distributed.Cont
     }
 
 
-def run_result(settings: Settings, state: TrainingState, data: TrainingData, test: tuple, config: dict
-               ) -> outputs.RunResult:
-    """Everything the outputs need from a finished run; ``test``: (probs float64 (N_test, C) or
-    None, the test summary's extra fields)."""
-    hyperparameters = {**settings.recipe(data.split_by), "tta": settings.tta, "best_epoch": state.best["epoch"]}
-    return outputs.RunResult(
-        model_dir=settings.model_dir, output_dir=settings.output_dir, data_dir=settings.data_dir,
-        history=state.history, best=state.best, best_model=state.best_model, best_val_probs=state.best_val_probs,
-        train=data.train, is_val=data.is_val, test=data.test, test_probs=test[0], test_info=test[1],
-        prior=data.prior, class_names=data.class_names, preprocessing=data.preprocessing(), config=config,
-        hyperparameters=hyperparameters)
+def start_tracking(tracker_settings: tracking.TrackingSettings, settings: Settings, state: TrainingState,
+                   data: TrainingData, config: dict, context: distributed.Context) -> tracking.RunTracker:
+    """This run's MLflow run (rank 0 only; a tracker that does nothing elsewhere or when not asked
+    for): a resumed run continues the MLflow run its checkpoint names. Logs ``config`` as params and
+    the data's fingerprint and preprocess counts as tags."""
+    if not context.is_main:
+        return tracking.RunTracker.disabled()
+    tracker = tracking.RunTracker.start(tracker_settings, run_name=settings.model_dir.name or "dss-train",
+                                        resume_run_id=state.tracking_run_id)
+    tracker.interruptions = (TrainingInterrupted, KeyboardInterrupt)
+    if not tracker.active:
+        return tracker
+    state.tracking_run_id = tracker.run_id
+    tracker.log_params(config)
+    try:
+        counts = reporting.read_split_counts(settings.data_dir)
+    except ValueError as exc:  # an unreadable summary must not cost the run; it only lacks these tags
+        log.warning(f"warning: no preprocess counts for MLflow: {exc}")
+        counts = {}
+    tracker.set_tags({"data_sha256": data.sha256, "stored_image_size": data.stored_size,
+                      **{f"preprocess.{name}": count for name, count in counts.items()}})
+    return tracker
 
 
 # --------------------------------------------------------------------------- device, seeds, files
@@ -205,15 +264,26 @@ def sweep_leftovers(folders: list[Path]) -> None:
 
 
 # --------------------------------------------------------------------------- network and loss
-def build_network(num_classes: int, weights: str, download_timeout_s: float = WEIGHTS_DOWNLOAD_TIMEOUT_S
-                  ) -> torch.nn.Module:
-    """dss.model.build_model with a socket timeout while torchvision may download weights."""
+def build_network(num_classes: int, settings: Settings,
+                  download_timeout_s: float = WEIGHTS_DOWNLOAD_TIMEOUT_S) -> torch.nn.Module:
+    """dss.model.build_model (``settings.weights``, ``settings.arch``) with a socket timeout while
+    torchvision may download weights."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(download_timeout_s)
     try:
-        return model_lib.build_model(num_classes, weights)
+        return model_lib.build_model(num_classes, settings.weights, settings.arch)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def make_ema(network: torch.nn.Module, decay: float) -> WeightEMA | None:
+    """``--ema-decay``: the average of ``network``'s weights (None when 0, off)."""
+    return WeightEMA(network, decay) if decay > 0.0 else None
+
+
+def normalisation(arch: str) -> loader.Normalisation:
+    """The input mean/std ``arch``'s weights were trained with (also for --weights none)."""
+    return loader.Normalisation(*backbones.normalisation(arch))
 
 
 def to_device(network: torch.nn.Module, context: distributed.Context) -> torch.nn.Module:
@@ -251,32 +321,41 @@ def make_loss(labels: np.ndarray, num_classes: int, class_weights: str, label_sm
 
 # --------------------------------------------------------------------------- stopping
 class StopFlag:
-    """Set by SIGTERM (SageMaker spot interruption, ``docker stop``); training stops at the next step.
+    """Set by SIGTERM (SageMaker spot interruption, ``docker stop``) or Ctrl-C (SIGINT); training
+    stops at the next step (and saves a checkpoint when it has a checkpoint dir). A second Ctrl-C
+    stops at once: the handler raises KeyboardInterrupt.
 
-    ``with StopFlag(context) as stop_requested:`` installs the handler for the block (from the main
+    ``with StopFlag(context) as stop_requested:`` installs the handlers for the block (from the main
     thread only; Python delivers signals there) and ``stop_requested()`` is the poll the training
-    loop calls once per step on every rank. Under DDP all ranks must stop at the same step, so every
-    ``every_steps`` calls the ranks agree (one small all-reduce) whether any of them got SIGTERM.
+    loop calls once per step on every rank; ``signum`` is the signal that set it. Under DDP all
+    ranks must stop at the same step, so every ``every_steps`` calls the ranks agree (one small
+    all-reduce) whether any of them got a signal.
     """
 
     def __init__(self, context: distributed.Context, every_steps: int = 8):
         self.context, self.every_steps = context, every_steps
         self.event = threading.Event()
-        self.previous = None
+        self.signum: int | None = None
+        self.previous: dict = {}
         self.calls = 0
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in SIGNAL_NAMES}
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame) -> None:
-        log.info("SIGTERM received: stopping at the next step and saving a checkpoint")
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        self.signum = self.signum or signum
+        again = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+        log.info(f"{SIGNAL_NAMES[signum]} received: stopping at the next step (and saving a checkpoint when "
+                 f"there is a --checkpoint-dir){again}")
         self.event.set()
 
     def __call__(self) -> bool:

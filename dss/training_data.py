@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dss import checkpoint, dataset, loader, split, streaming
+from dss import checkpoint, cli, dataset, loader, split, streaming
 from dss.cli import log
 from dss.training import Settings
 
@@ -72,6 +72,29 @@ def choose_split_by(requested: str | None, sites: list[str]) -> str:
                  "(its score is optimistic for new sites)")
         return "random"
     return requested
+
+
+def _train_files(data_dir: Path) -> list[Path]:
+    """The train pickle(s); a folder with test data only is most likely one to predict."""
+    try:
+        return dataset.find_split_files(data_dir, "train")
+    except FileNotFoundError:
+        if not data_dir.is_dir() or not any(data_dir.glob("test_data*.pkl")):
+            raise
+        raise FileNotFoundError(
+            f"no train data in {data_dir}, only test data: to classify these images with a trained model add "
+            "--predict-only (--model-dir holding its model.pth); to train, preprocess labelled images "
+            f"(train_labels.csv) into {data_dir}") from None
+
+
+def _input_size(requested: int | None, stored_size: int, data_dir: Path) -> int:
+    """The network input size: --image-size, else the stored size, which must be large enough."""
+    if requested is None and stored_size < cli.MIN_IMAGE_SIZE:
+        raise dataset.DatasetError(
+            f"{data_dir}: the images are stored at {stored_size} px, below the {cli.MIN_IMAGE_SIZE} px ResNet18 "
+            f"needs (it halves the image five times): re-run preprocess.py with --image-size {cli.MIN_IMAGE_SIZE} "
+            f"or more, or pass --image-size {cli.MIN_IMAGE_SIZE} to upscale them")
+    return requested or stored_size
 
 
 def _read_split(data_dir: Path, name: str, streamed: bool) -> dict:
@@ -182,7 +205,7 @@ def load(settings: Settings, device: torch.device) -> TrainingData:
     (``data_in_memory``), the network input size (``image_size``) and the validation split
     (``split_by``, ``val_fraction``, ``seed``). Logs what it found."""
     data_dir = settings.data_dir
-    split_bytes = sum(path.stat().st_size for path in dataset.find_split_files(data_dir, "train"))
+    split_bytes = sum(path.stat().st_size for path in _train_files(data_dir))
     memory_mode = streaming.choose_memory_mode(settings.data_in_memory, split_bytes)
     streamed = memory_mode == "stream"
     train = _read_split(data_dir, "train", streamed)
@@ -192,7 +215,7 @@ def load(settings: Settings, device: torch.device) -> TrainingData:
     if test is not None:
         check_agreement(test, preprocessing_of(train), f"{data_dir} (test)", f"{data_dir} (train)")
     stored_size = int(train["images"].shape[1])
-    input_size = settings.image_size or stored_size
+    input_size = _input_size(settings.image_size, stored_size, data_dir)
     log.info(f"data: {len(train['labels'])} train images, {len(test['ids']) if test is not None else 0} test images, "
              f"{len(train['class_names'])} classes, stored {stored_size} px, network input {input_size} px; "
              f"images in memory: {memory_mode} (train pickles {split_bytes / 2**20:.1f} MiB)")

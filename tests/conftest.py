@@ -5,6 +5,7 @@ Nothing here mocks boto3: S3 tests talk HTTP to a moto server process started pe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -49,37 +50,54 @@ def run_script(script: str, args: list[str], env: dict | None = None, timeout: f
                           capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def server_process(command: list[str], port: int, name: str, log_path: Path | None = None, timeout: float = 60):
+    """Start a local server process and wait until ``port`` accepts connections; stopped on exit.
+    Its output goes to ``log_path`` (quoted when it fails to start), else nowhere."""
+    log = open(log_path or os.devnull, "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    output = log_path.read_text()[-2000:] if log_path else ""
+                    raise RuntimeError(f"{name} did not start within {timeout:.0f} s (is it installed?) {output}")
+                time.sleep(0.2)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server process on a free local port. Yields a dict with ``endpoint`` and ``env``
     (fake credentials + AWS_ENDPOINT_URL) for subprocesses."""
     port = _free_port()
-    log = open(os.devnull, "wb")
-    process = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log, stderr=log, env=clean_env())
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError("moto server exited at start-up; is moto[server] installed?")
-            time.sleep(0.2)
-    else:
-        process.kill()
-        raise RuntimeError("moto server did not start within 60 s")
-    env = clean_env(**FAKE_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
-    try:
-        yield {"endpoint": endpoint, "env": env, "port": port}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    with server_process([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, "moto server"):
+        yield {"endpoint": endpoint, "env": clean_env(**FAKE_AWS_ENV, AWS_ENDPOINT_URL=endpoint), "port": port}
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, local artifact store) on a free local port; yields its URI."""
+    pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    command = [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'runs.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    with server_process(command, port, "mlflow server", log_path=root / "server.log", timeout=120):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

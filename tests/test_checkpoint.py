@@ -161,11 +161,15 @@ def test_training_state_round_trip_through_a_checkpoint_file(tmp_path):
     saved, _ = manager.load_latest(FINGERPRINT)
     assert set(saved) == {"model", "optimizer", "scheduler", "scaler", "rng", "history", "best", "best_model",
                           "best_val_probs", "step_in_epoch", "early_stopped", "partial_epoch", "fingerprint", "epoch",
-                          "step"}
+                          "step", "tracking_run_id", "ema"}
+    assert saved["ema"] is None  # no --ema-decay
     assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (2, 11, 3)
 
     resumed = _training_state(1)
     resumed.load_state_dict(saved)
+    assert resumed.tracking_run_id is None
+    older = {key: value for key, value in saved.items() if key not in ("tracking_run_id", "ema")}
+    _training_state(1).load_state_dict(older)  # checkpoints written before MLflow tracking still resume
     assert (resumed.epoch, resumed.step, resumed.step_in_epoch, resumed.position) == (2, 11, 3, "epoch 3 step 3")
     assert [row["epoch"] for row in resumed.history] == [1, 2] and resumed.best["epoch"] == 1
     assert resumed.epochs_without_improvement == 1

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dss import dataset, distributed, engine
+from dss import calibration, dataset, distributed, engine
 from dss import model as model_lib
 from dss.loader import DeviceImages
 from tests.conftest import PYTHON, REPO_ROOT, clean_env
@@ -57,7 +57,7 @@ def test_two_processes_train_one_model_and_rank0_reports(ddp_run):
                  "test_predictions.csv"):
         assert (models / name).is_file(), name
     # Rank 0 alone prints: one [METRICS] line per epoch, not one per rank.
-    metric_lines = [line for line in ddp_run["stdout"].splitlines() if line.startswith("[METRICS]")]
+    metric_lines = [line for line in ddp_run["stdout"].splitlines() if line.startswith("[METRICS] epoch=")]
     assert [line.split()[1] for line in metric_lines] == ["epoch=1", "epoch=2"]
     config = json.loads((models / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 32
@@ -85,7 +85,9 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run, demo_pick
     assert stats["val_acc"] == pytest.approx(best["val_acc"])
     saved = pd.read_csv(models / "val_predictions.csv", dtype={"id": str})
     assert list(saved["id"]) == [train["ids"][i] for i in val_index]
-    np.testing.assert_allclose(saved[artifact["class_names"]].to_numpy(), stats["probs"], atol=1e-5)
+    # val_predictions.csv holds the probabilities at the run's fitted temperature (--temperature-scaling).
+    calibrated = calibration.apply_temperature(stats["logits"], artifact["hyperparameters"]["temperature"])
+    np.testing.assert_allclose(saved[artifact["class_names"]].to_numpy(), calibrated, atol=1e-5)
 
 
 def _worker_pids(launcher_pid: int) -> list[int]:

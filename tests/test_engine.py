@@ -231,3 +231,43 @@ def test_module_exports_the_documented_names():
     for name in ("select_precision", "NonFiniteLossError", "train_one_epoch", "build_scheduler", "build_optimizer",
                  "predict_probs", "evaluate", "class_weights_balanced", "TrainLoop", "Inference"):
         assert callable(getattr(engine, name))
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_logits_softmax_to_the_predicted_probs_and_evaluate_returns_them(tta):
+    """Temperature scaling is fitted on these logits: at T = 1 they give exactly the served probs
+    (with TTA: the log of the averaged flip probabilities, not the averaged logits)."""
+    images, labels = colour_problem(12)
+    stored = DeviceImages(images, CPU)
+    torch.manual_seed(0)
+    model = build_model(3, "none").eval()
+    logits = engine.predict_logits(model, stored, at(5, tta=tta))
+    probs = predict_probs(model, stored, at(5, tta=tta))
+    assert logits.shape == (12, 3) and logits.dtype == np.float64
+    np.testing.assert_allclose(F.softmax(torch.from_numpy(logits), dim=1).numpy(), probs, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        inputs = eval_transform(torch.from_numpy(images).permute(0, 3, 1, 2), SIZE)
+        raw = model(inputs).double()
+        if tta:
+            raw = torch.log(0.5 * (F.softmax(raw, 1) + F.softmax(model(inputs.flip(3)).double(), 1)))
+    # Equal up to a per-row constant (log-probabilities), so equal after centring each row.
+    centred = logits - logits.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(centred, (raw - raw.mean(dim=1, keepdim=True)).numpy(), atol=1e-5)
+    result = evaluate(model, stored, labels, nn.CrossEntropyLoss(), at(5, tta=tta))
+    np.testing.assert_allclose(result["logits"], logits, atol=1e-12)
+    np.testing.assert_allclose(np.exp(result["logits"]), result["probs"], atol=1e-15)
+
+
+def test_the_weight_average_follows_every_optimizer_step():
+    from dss.ema import WeightEMA
+
+    images, labels = colour_problem(48)
+    model, optimizer, scheduler = make_run()
+    initial = copy.deepcopy(model.state_dict())
+    ema = WeightEMA(model, decay=0.9)
+    loop = TrainLoop(model, optimizer, scheduler, None, nn.CrossEntropyLoss(), GpuAugment(SIZE), seeded_generator(),
+                     16, progress=False, ema=ema)
+    stats = train_one_epoch(loop, DeviceImages(images, CPU), torch.from_numpy(labels), 1, 0)
+    assert ema.updates == stats["steps"] == 3
+    averaged = ema.module.conv1.weight
+    assert not torch.equal(averaged, initial["conv1.weight"]) and not torch.equal(averaged, model.conv1.weight)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import dss_train
+from dss import sagemaker
 from dss.training import Settings
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
@@ -62,9 +64,9 @@ def _job_tree(tmp_path: Path, data_dir: Path, hyperparameters: dict) -> Path:
     return base
 
 
-def _run_toolkit(base: Path, checkpoint_dir: Path) -> subprocess.CompletedProcess:
+def _run_toolkit(base: Path, checkpoint_dir: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = clean_env(SAGEMAKER_BASE_DIR=str(base), SM_CHECKPOINT_DIR=str(checkpoint_dir),
-                    AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+                    AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1", **extra_env)
     env.pop("PYTHONPATH")  # the job imports dss from its extracted source dir, as in a container
     return subprocess.run([PYTHON, "-m", "sagemaker_training.cli.train"], env=env, cwd=base.parent,
                           capture_output=True, text=True, timeout=600)
@@ -91,6 +93,34 @@ def test_training_job_through_the_sagemaker_toolkit(demo_pickles, tmp_path):
     assert config["data_dir"] == str(base / "input" / "data" / "training")
     assert config["output_dir"] == str(base / "output" / "data")
     assert config["tta"] is True and config["batch_size"] == 16 and config["epochs"] == 1
+
+
+def test_a_hyperparameter_tuning_job_keeps_its_checkpoints_apart_and_reports_its_best(demo_pickles, tmp_path):
+    """What a HyperparameterTuner's training job gets: the tuner's ``_tuning_objective_metric``
+    hyperparameter (the toolkit keeps it from the script) and, as docs/sagemaker.md recommends, a
+    ``checkpoint-dir`` with ``{job_name}``, so jobs sharing one checkpoint_s3_uri never meet."""
+    checkpoints = tmp_path / "checkpoints"
+    hyperparameters = {"epochs": 1, "batch-size": 16, "weights": "none", "num-threads": 1,
+                       "checkpoint-dir": str(checkpoints / "{job_name}"), "_tuning_objective_metric": "best_val_logloss"}
+    base = _job_tree(tmp_path, demo_pickles, hyperparameters)
+    result = _run_toolkit(base, checkpoints, TRAINING_JOB_NAME="tuning-1-007-abc")  # as SageMaker sets it
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert list((checkpoints / "tuning-1-007-abc").glob("ckpt-*.pt"))
+    best = json.loads((base / "output" / "data" / "metrics.json").read_text())["best"]
+    objective = re.findall(r"\[METRICS\] .*\bbest_val_logloss=([0-9.]+)", output)
+    assert objective and float(objective[-1]) == pytest.approx(best["val_logloss"], abs=1e-4)
+
+
+def test_job_name_in_the_checkpoint_dir_needs_a_training_job(tmp_path):
+    assert sagemaker.expand_job_name("/opt/ml/checkpoints/{job_name}", {"TRAINING_JOB_NAME": "tune-007"}) == \
+        "/opt/ml/checkpoints/tune-007"
+    assert sagemaker.expand_job_name("c/{job_name}", {"SM_TRAINING_ENV": '{"job_name": "j"}'}) == "c/j"
+    assert sagemaker.expand_job_name("plain", {}) == "plain"
+    with pytest.raises(ValueError, match="TRAINING_JOB_NAME"):
+        sagemaker.expand_job_name("c/{job_name}", {})
+    result = run_script("dss_train.py", ["--checkpoint-dir", tmp_path / "{job_name}", "--weights", "none"])
+    assert result.returncode == 1 and "{job_name}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_hyperparameter_fails_the_job_with_the_reason(demo_pickles, tmp_path):

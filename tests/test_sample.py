@@ -176,3 +176,120 @@ def test_cli_writes_the_dataset_and_prints_one_line(tmp_path):
 
     bad = run_script("-m dss.sample", [tmp_path / "bad", "--scale", "0"], timeout=120)
     assert bad.returncode == 2 and "--scale" in bad.stderr
+
+
+# --------------------------------------------------------------------------- options: test labels, site shift
+def _mean_colour(folder) -> np.ndarray:
+    """Mean (R, G, B) over every frame in ``folder``, each frame weighted equally."""
+    return np.mean([np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+                    for path in sorted(folder.glob("*.jpg"))], axis=0)
+
+
+def test_normal_shift_draws_what_it_always_drew(tmp_path):
+    """The default design is pinned to what dss.sample wrote before the site-shift option existed: the
+    CSVs byte for byte (classes, sites, ids), the frames by their mean colour (JPEG bytes may vary with
+    the libjpeg build, the drawing may not)."""
+    import hashlib
+
+    root = tmp_path / "pinned"
+    sample.write_demo_dataset(root, n_train=60, n_test=20, seed=5, scale=0.05,
+                              design=sample.SiteDesign(shift="normal"))
+    pinned = {"train_labels.csv": "8c03fac754a787e381c0a620993cf08fc20c42e01b7d36c657750866b27b98bb",
+              "train_features.csv": "27457ab5f8898faa60aa4feb2b6da66f6dc3855007b5b083ce0c62f44dc7efef",
+              "test_features.csv": "3f9a347b6dce8747c176a7d5f25636cd84f4e4d01114f839db131892bbb6f56d"}
+    assert {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in pinned} == pinned
+    np.testing.assert_allclose(_mean_colour(root / "train_features"), [83.7383, 87.2707, 81.9274], atol=0.05)
+    np.testing.assert_allclose(_mean_colour(root / "test_features"), [72.9712, 81.0699, 67.3993], atol=0.05)
+    assert not (root / "test_labels.csv").exists()
+
+
+def test_test_labels_option_adds_test_labels_and_changes_nothing_else(tmp_path, dataset):
+    root, summary = dataset
+    labelled = tmp_path / "labelled"
+    sample.write_demo_dataset(labelled, n_train=N_TRAIN, n_test=N_TEST, seed=0, scale=SCALE, test_labels=True)
+    before, after = _all_files(root), _all_files(labelled)
+    assert set(after) - set(before) == {"test_labels.csv"}
+    assert [name for name in before if before[name] != after[name]] == []
+
+    header, rows = _read_csv(labelled / "test_labels.csv")
+    assert header == ["id", *sample.CLASS_NAMES]
+    assert [row[0] for row in rows] == [row[0] for row in _read_csv(labelled / "test_features.csv")[1]]
+    for row in rows:
+        assert set(row[1:]) <= {"0.0", "1.0"} and row[1:].count("1.0") == 1, row
+    counts = np.array([[float(v) for v in row[1:]] for row in rows]).sum(axis=0)
+    assert summary["test_class_counts"] == {name: int(n) for name, n in zip(sample.CLASS_NAMES, counts)}
+
+    # A re-run without the option removes the earlier run's test labels (they would describe other frames).
+    sample.write_demo_dataset(labelled, n_train=N_TRAIN, n_test=N_TEST, seed=0, scale=SCALE)
+    assert _all_files(labelled) == before
+
+
+def _per_site(root, split):
+    """site -> (class indices, mean grey level of each frame)."""
+    _, labels = _read_csv(root / f"{split}_labels.csv")
+    classes = {row[0]: [float(v) for v in row[1:]].index(1.0) for row in labels}
+    by_site: dict = {}
+    for image_id, filepath, site in _read_csv(root / f"{split}_features.csv")[1]:
+        level = np.asarray(Image.open(root / filepath).convert("L"), dtype=np.float64).mean()
+        entry = by_site.setdefault(site, ([], []))
+        entry[0].append(classes[image_id])
+        entry[1].append(level)
+    return by_site
+
+
+def _site_class_information(sites: dict) -> float:
+    """Mutual information (nats) between an image's site and its class: 0 when every site has the
+    same class mix, larger the more lopsided the mixes are."""
+    joint = np.array([np.bincount(classes, minlength=len(sample.CLASS_NAMES)) for classes, _ in sites.values()])
+    joint = joint / joint.sum()
+    outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
+    present = joint > 0
+    return float(np.sum(joint[present] * np.log(joint[present] / outer[present])))
+
+
+def test_strong_shift_makes_sites_differ_more(tmp_path):
+    roots = {}
+    for shift in sample.SHIFTS:
+        roots[shift] = tmp_path / shift
+        sample.write_demo_dataset(roots[shift], n_train=300, n_test=60, seed=0, scale=SCALE,
+                                  design=sample.SiteDesign(shift=shift), test_labels=True)
+    normal, strong = _all_files(roots["normal"]), _all_files(roots["strong"])
+    assert normal.keys() == strong.keys()
+    changed = [name for name in normal if name.endswith(".jpg") and normal[name] != strong[name]]
+    assert len(changed) == 360
+    # Same layout and contract: test sites unseen in training, one-hot labels for both splits.
+    train_sites = {row[2] for row in _read_csv(roots["strong"] / "train_features.csv")[1]}
+    test_sites = {row[2] for row in _read_csv(roots["strong"] / "test_features.csv")[1]}
+    assert train_sites.isdisjoint(test_sites)
+
+    spread = {}
+    for shift, root in roots.items():
+        sites = _per_site(root, "train")
+        brightness = [np.mean(levels) for classes, levels in sites.values() if len(classes) >= 5]
+        spread[shift] = (np.std(brightness), _site_class_information(sites))
+    assert spread["strong"][0] > 1.5 * spread["normal"][0], spread  # brightness differs more between sites
+    assert spread["strong"][1] > spread["normal"][1] + 0.15, spread  # the site tells more about the class
+
+
+def test_strong_sites_have_a_look_and_normal_sites_none():
+    design = sample.SiteDesign(train_sites=6, test_sites=2, shift="strong")
+    strong = sample.make_sites(np.random.default_rng(0), design, 0.1)
+    normal = sample.make_sites(np.random.default_rng(0), sample.SiteDesign(6, 2), 0.1)
+    assert all(site.look is None for site in normal)
+    assert all(site.look is not None for site in strong)
+    assert [site.name for site in strong] == [site.name for site in normal]  # the names are drawn first
+    scales = [site.look.animal_scale for site in strong]
+    assert all(0.6 <= s <= 1.35 for s in scales) and max(scales) / min(scales) > 1.1
+    with pytest.raises(ValueError, match="shift"):
+        sample.write_demo_dataset("/nonexistent/never", n_train=2, n_test=1, design=sample.SiteDesign(shift="huge"))
+
+
+def test_cli_shift_and_test_labels(tmp_path):
+    root = tmp_path / "hard"
+    result = run_script("-m dss.sample", [root, "--train", 24, "--test", 6, "--scale", SCALE, "--shift", "strong",
+                                          "--test-labels"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "strong site shift" in result.stdout and "test labels" in result.stdout
+    assert len(_read_csv(root / "test_labels.csv")[1]) == 6
+    bad = run_script("-m dss.sample", [tmp_path / "bad", "--shift", "huge"], timeout=120)
+    assert bad.returncode == 2 and "--shift" in bad.stderr

@@ -232,3 +232,22 @@ def test_unsupported_accept_type(served, accept):
     prediction = serve.predict_fn(serve.input_fn(_encoded("JPEG", seed=7), "image/jpeg"), served)
     with pytest.raises(ValueError, match="unsupported accept type"):
         serve.output_fn(prediction, accept)
+
+
+def test_stored_temperature_and_normalisation_are_applied(tmp_path):
+    """model.pth's temperature and mean/std (--temperature-scaling, --arch) reach the served probabilities."""
+    from dss import calibration
+
+    folder = _write_model(tmp_path, {"epochs": 1, "tta": False, "temperature": 2.5})
+    artifact = torch.load(folder / model_lib.MODEL_FILENAME, weights_only=True)
+    artifact["preprocessing"].update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    torch.save(artifact, folder / model_lib.MODEL_FILENAME)
+    served_t = serve.model_fn(str(folder))
+    assert served_t.temperature == 2.5
+    assert served_t.normalisation == loader.Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    body = _encoded("JPEG", seed=5)
+    served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_t)["probs"]
+    pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
+    how = engine.Inference(8, INPUT_SIZE, served_t.amp_dtype, normalisation=served_t.normalisation)
+    logits = engine.predict_logits(served_t.network, loader.DeviceImages(pixels[None], served_t.device), how)
+    np.testing.assert_allclose(served_probs, calibration.apply_temperature(logits, 2.5), rtol=0, atol=1e-12)

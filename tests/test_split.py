@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dss.split import make_split, random_split, site_grouped_split
+from dss.split import make_folds, make_split, random_split, site_grouped_split
 
 
 def camera_sites(num_sites: int = 40, num_classes: int = 5, seed: int = 0):
@@ -118,3 +118,79 @@ def test_properties_hold_for_any_input(rows, fraction, seed):
     assert not set(sites[mask]) & set(sites[~mask])
     random_mask = random_split(labels, fraction, seed)
     assert random_mask.any() and not random_mask.all()
+
+
+# --------------------------------------------------------------------------- K folds
+def test_site_folds_never_split_a_site_and_balance_classes_and_sizes():
+    labels, sites = camera_sites(num_sites=60, seed=5)
+    folds = make_folds(labels, sites, 5, seed=0)
+    sites = np.asarray(sites)
+    assert folds.dtype == np.int64 and set(folds) == set(range(5))
+    assert all(len(set(folds[sites == site])) == 1 for site in set(sites))
+    assert np.array_equal(folds, make_folds(labels, list(sites), 5, seed=0))            # deterministic
+    sizes = np.bincount(folds) / labels.size
+    assert np.all(np.abs(sizes - 0.2) < 0.03), sizes
+    for class_index in np.unique(labels):
+        shares = np.bincount(folds[labels == class_index], minlength=5) / np.sum(labels == class_index)
+        assert np.all(np.abs(shares - 0.2) < 0.07), (class_index, shares)
+
+
+def test_site_folds_are_better_balanced_than_random_site_folds():
+    labels, sites = camera_sites(num_sites=50, seed=7)
+    sites = np.asarray(sites)
+    names = np.unique(sites)
+
+    def class_error(folds):
+        return sum(abs(np.mean(folds[labels == c] == f) - 0.2) for c in np.unique(labels) for f in range(5))
+
+    ours = class_error(make_folds(labels, sites, 5, seed=0))
+    rng = np.random.default_rng(0)
+    random_errors = []
+    for _ in range(20):
+        fold_of_site = dict(zip(names, rng.permutation(names.size) % 5))
+        random_errors.append(class_error(np.array([fold_of_site[site] for site in sites])))
+    assert ours < min(random_errors)
+
+
+def test_one_dominant_site_keeps_its_own_fold_and_every_fold_gets_sites():
+    labels = np.array([0] * 500 + [1] * 10 + [2] * 10 + [0] * 5 + [1] * 5)
+    sites = ["big"] * 500 + ["a"] * 10 + ["b"] * 10 + ["c"] * 5 + ["d"] * 5
+    folds = make_folds(labels, sites, 3, seed=1)
+    assert set(folds) == {0, 1, 2}
+    assert set(folds[:500]).isdisjoint(folds[500:])          # the big site is alone in its fold
+
+
+def test_random_folds_without_sites_are_stratified_to_one_image():
+    labels = np.repeat(np.arange(4), [103, 41, 20, 7])
+    folds = make_folds(labels, None, 5, seed=3)
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 1
+    for class_index in range(4):
+        counts = np.bincount(folds[labels == class_index], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert np.array_equal(folds, make_folds(labels, None, 5, seed=3))
+    assert not np.array_equal(folds, make_folds(labels, None, 5, seed=4))
+
+
+def test_fold_errors_name_the_problem():
+    labels, sites = camera_sites(num_sites=3)
+    with pytest.raises(ValueError, match="5 site-grouped folds need at least 5 distinct sites, found 3"):
+        make_folds(labels, sites, 5, seed=0)
+    with pytest.raises(ValueError, match="need 2 <= folds"):
+        make_folds(labels, sites, 1, seed=0)
+    with pytest.raises(ValueError, match="sites has 2 entries"):
+        make_folds(np.array([0, 1, 2]), ["a", "b"], 2, seed=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 3)), min_size=2, max_size=120),
+       st.integers(2, 6), st.integers(0, 10_000))
+def test_fold_properties_hold_for_any_input(rows, k, seed):
+    sites = np.asarray([f"site{site}" for site, _ in rows])
+    labels = np.array([label for _, label in rows])
+    if len(set(sites)) < k:
+        with pytest.raises(ValueError):
+            make_folds(labels, sites, k, seed)
+        return
+    folds = make_folds(labels, sites, k, seed)
+    assert set(folds) == set(range(k))
+    assert all(len(set(folds[sites == site])) == 1 for site in set(sites))

@@ -7,6 +7,7 @@ same epoch history and the same test predictions.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 import dss_train
-from dss import dataset, engine, training, training_data
+from dss import backbones, dataset, engine, threads, training, training_data
 from dss import model as model_lib
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
@@ -62,7 +63,8 @@ def reference(demo_pickles, tmp_path_factory):
 def test_every_output_is_written_with_the_contract_columns(reference):
     models = reference["models"]
     for name in ("model.pth", "config.json", "metrics.json", "metrics.csv", "splits.csv", "val_predictions.csv",
-                 "test_predictions.csv", "training_curves.png", "confusion_matrix.png"):
+                 "test_predictions.csv", "predictions.csv", "training_curves.png", "confusion_matrix.png",
+                 "site_metrics.csv", "calibration.png", "top_losses.png"):
         assert (models / name).is_file(), name
     assert not list(models.glob(".*.tmp"))
     assert list(pd.read_csv(models / "metrics.csv").columns) == EPOCH_COLUMNS
@@ -74,7 +76,7 @@ def test_every_output_is_written_with_the_contract_columns(reference):
     assert artifact["preprocessing"]["image_size"] == 32 and artifact["preprocessing"]["stored_image_size"] == 32
 
     report = json.loads((models / "metrics.json").read_text())
-    assert set(report) == {"epochs", "best", "test"}
+    assert set(report) == {"epochs", "best", "test", "calibration"}
     assert [row["epoch"] for row in report["epochs"]] == [1, 2]
     # metrics.json epochs: the contract fields, then the per-class report of that epoch.
     assert all(list(row) == EPOCH_COLUMNS + ["per_class"] for row in report["epochs"])
@@ -98,6 +100,7 @@ def test_every_output_is_written_with_the_contract_columns(reference):
     flags = list(vars(dss_train.parse_args([])))
     assert list(config)[:len(flags)] == flags  # every flag in the parser's order, then what the run resolved
     assert config["epochs"] == 2 and config["batch_size"] == 16
+    assert config["num_threads"] == 1 and config["keep_checkpoints"] == 1  # --num-threads as given
 
 
 def test_val_logloss_recomputed_from_val_predictions(reference):
@@ -109,8 +112,11 @@ def test_val_logloss_recomputed_from_val_predictions(reference):
     clipped = np.clip(probs, 1e-15, 1 - 1e-15)
     clipped /= clipped.sum(axis=1, keepdims=True)
     recomputed = -np.mean(np.log(clipped[np.arange(len(truth)), truth]))
-    best = json.loads((models / "metrics.json").read_text())["best"]
-    assert recomputed == pytest.approx(best["val_logloss"], rel=1e-9)
+    report = json.loads((models / "metrics.json").read_text())
+    best = report["best"]
+    # val_predictions.csv holds the calibrated probabilities; "best" scores the epoch's own (T = 1).
+    assert recomputed == pytest.approx(report["calibration"]["logloss_after"], rel=1e-9)
+    assert report["calibration"]["logloss_before"] == pytest.approx(best["val_logloss"], rel=1e-9)
     assert np.mean(probs.argmax(axis=1) == truth) == pytest.approx(best["val_acc"])
     # The best epoch's per-class report, recomputed from the same predictions.
     predicted = probs.argmax(axis=1)
@@ -143,8 +149,17 @@ def test_test_predictions_one_row_per_id_in_csv_order(reference, demo_data):
 
 
 def test_metrics_lines_parse_with_the_metric_regexes(reference):
-    lines = [line for line in reference["stdout"].splitlines() if line.startswith("[METRICS]")]
+    lines = [line for line in reference["stdout"].splitlines() if line.startswith("[METRICS] epoch=")]
     assert len(lines) == 2
+    # One more line at the end: the best epoch's scores, the objective of a SageMaker tuning job.
+    best_lines = [line for line in reference["stdout"].splitlines() if line.startswith("[METRICS] best_epoch=")]
+    metric_lines = [line for line in reference["stdout"].splitlines() if line.startswith("[METRICS]")]
+    assert len(best_lines) == 1 and metric_lines[-1] == best_lines[0]
+    best = json.loads((reference["models"] / "metrics.json").read_text())["best"]
+    tuner_regex = re.compile(r"\[METRICS\] .*\bbest_val_logloss=([0-9.]+)")
+    assert float(tuner_regex.search(best_lines[0]).group(1)) == pytest.approx(best["val_logloss"], abs=1e-4)
+    per_epoch_regex = re.compile(r"\[METRICS\] .*\bval_logloss=([0-9.]+)")  # the docs' per-epoch regex
+    assert all(per_epoch_regex.search(line) for line in lines) and not per_epoch_regex.search(best_lines[0])
     per_class_lines = [line for line in reference["stdout"].splitlines() if line.startswith("per-class F1: ")]
     assert len(per_class_lines) == 2 and "antelope_duiker 0." in per_class_lines[0], per_class_lines
     assert all(LINE_RE.match(line) for line in lines), lines
@@ -170,9 +185,9 @@ def _wait_for_checkpoint(process: subprocess.Popen, folder: Path, timeout: float
     raise AssertionError("no checkpoint appeared")
 
 
-def _start(data_dir, model_dir, ckpt_dir):
+def _start(data_dir, model_dir, ckpt_dir, *extra):
     command = [PYTHON, str(REPO_ROOT / "dss_train.py"), "--data-dir", str(data_dir), "--model-dir", str(model_dir),
-               "--checkpoint-dir", str(ckpt_dir), *COMMON]
+               "--checkpoint-dir", str(ckpt_dir), *COMMON, *extra]
     return subprocess.Popen(command, env=clean_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -200,17 +215,23 @@ def test_resume_after_sigkill_gives_the_uninterrupted_history(reference, demo_pi
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from" in result.stdout
     _assert_same_run(reference["models"], models)
-    assert len(list(ckpt.glob("ckpt-*.pt"))) == 2  # keep the last two
+    assert len(list(ckpt.glob("ckpt-*.pt"))) == 1  # --keep-checkpoints 1 by default
 
 
-def test_sigterm_saves_a_checkpoint_exits_nonzero_and_resumes(reference, demo_pickles, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
+def test_a_stop_signal_saves_a_checkpoint_exits_nonzero_and_resumes(signum, reference, demo_pickles, tmp_path):
+    """SIGTERM (spot interruption) and Ctrl-C: save at the next step, exit 128 + the signal's number
+    with one line saying how to resume, and the resumed run ends as the uninterrupted one."""
     ckpt, models = tmp_path / "ckpt", tmp_path / "models"
     process = _start(demo_pickles, models, ckpt)
     _wait_for_checkpoint(process, ckpt)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == dss_train.SIGTERM_EXIT_CODE, stdout + stderr
-    assert "SIGTERM" in stderr and "--checkpoint-dir" in stderr
+    assert process.returncode == 128 + signum, stdout + stderr
+    assert dss_train.SIGTERM_EXIT_CODE == 128 + signal.SIGTERM
+    line = _one_line(stderr)
+    assert f"stopped by {training.SIGNAL_NAMES[signum]} in epoch 2" in line
+    assert "checkpoint saved, re-run with the same --checkpoint-dir to resume" in line
     newest = max(ckpt.glob("ckpt-*.pt"))
     state = torch.load(newest, weights_only=True)
     assert state["step_in_epoch"] > 0  # saved mid-epoch, at the next step after the signal
@@ -233,11 +254,16 @@ def test_predict_only_reproduces_the_test_predictions(reference, demo_pickles, t
     result = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", reference["models"],
                                          "--output-dir", tmp_path, "--predict-only", "--num-threads", "1"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["test_predictions.csv"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["predictions.csv", "predictions_info.json",
+                                                                "test_predictions.csv"]
     ours = pd.read_csv(tmp_path / "test_predictions.csv")
     theirs = pd.read_csv(reference["models"] / "test_predictions.csv")
     assert ours["id"].tolist() == theirs["id"].tolist()
-    np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), atol=1e-6)
+    # The same calibrated probabilities: predict-only applies the temperature stored in model.pth.
+    temperature = torch.load(reference["models"] / "model.pth", weights_only=True)["hyperparameters"]["temperature"]
+    assert temperature != 1.0
+    assert json.loads((tmp_path / "predictions_info.json").read_text())["temperature"] == temperature
+    np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-9)
 
 
 def test_predict_only_refuses_data_of_another_image_size(reference, demo_pickles, tmp_path):
@@ -311,8 +337,8 @@ def test_settings_keep_every_flag_in_the_parsers_order():
     assert dss_train.build_parser()._option_string_actions["--optimizer"].choices == engine.OPTIMIZERS
     fingerprint_settings = settings.recipe("site")
     assert list(fingerprint_settings) == ["epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-                                          "warmup_epochs", "label_smoothing", "class_weights", "weights", "seed",
-                                          "val_fraction", "split_by"]
+                                          "warmup_epochs", "label_smoothing", "ema_decay", "class_weights", "arch",
+                                          "weights", "seed", "val_fraction", "split_by"]
 
 
 def test_help_explains_every_flag_with_its_default():
@@ -322,7 +348,8 @@ def test_help_explains_every_flag_with_its_default():
     for flag in ("--data-dir", "--model-dir", "--output-dir", "--checkpoint-dir", "--epochs", "--batch-size",
                  "--learning-rate", "--optimizer", "--weight-decay", "--warmup-epochs", "--label-smoothing",
                  "--class-weights", "--predict-only", "--weights", "--image-size", "--seed", "--val-fraction",
-                 "--split-by", "--device", "--compile", "--patience", "--tta", "--eval-batch-size", "--num-threads"):
+                 "--split-by", "--device", "--compile", "--patience", "--tta", "--eval-batch-size", "--num-threads",
+                 "--keep-checkpoints", "--overwrite", "--arch", "--ema-decay", "--temperature-scaling"):
         assert flag in text, flag
     assert "SM_CHANNEL_TRAINING" in text and "(default: 10)" in text and "px" in text
 
@@ -395,7 +422,7 @@ def test_imagenet_download_from_a_silent_network_times_out(tmp_path, monkeypatch
             monkeypatch.setenv(name, proxy)
         monkeypatch.setenv("TORCH_HOME", str(tmp_path))
         with pytest.raises(model_lib.WeightsError, match="--weights none"):
-            training.build_network(3, "imagenet", download_timeout_s=1.0)
+            training.build_network(3, training.Settings.from_args(dss_train.parse_args([])), download_timeout_s=1.0)
     assert socket.getdefaulttimeout() is None
 
 
@@ -485,3 +512,322 @@ def test_a_failure_while_writing_outputs_leaves_the_previous_run_untouched(fault
     assert not dead_staging.exists() and f"removed {dead_staging}" in result.stdout
     assert live_staging.is_dir()
     assert sorted(path.name for path in models.iterdir() if path.name.startswith(".")) == [live_staging.name]
+
+
+# --------------------------------------------------------------------------- weekly predictions (issue 10)
+def _weekly_pickles(demo_data: Path, root: Path, name: str, ids: list[str]) -> Path:
+    """The README's weekly recipe, first half: a folder of camera images (no CSVs) through preprocess.py."""
+    images = root / "images" / name
+    images.mkdir(parents=True)
+    paths = pd.read_csv(demo_data / "test_features.csv", dtype=str).set_index("id")["filepath"]
+    for image_id in ids:
+        shutil.copy(demo_data / paths[image_id], images / f"{image_id}.jpg")
+    pickles = root / "weekly" / name
+    result = run_script("preprocess.py", ["--input", images, "--output-dir", pickles, "--image-size", "32",
+                                          "--workers", "1", "--quiet"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return pickles
+
+
+def _predict(data_dir: Path, model_dir: Path, *extra) -> subprocess.CompletedProcess:
+    return run_script("dss_train.py", ["--data-dir", data_dir, "--model-dir", model_dir, "--predict-only",
+                                       "--num-threads", "1", *extra])
+
+
+def test_weekly_predictions_never_replace_the_submission_and_every_week_is_kept(reference, demo_data, tmp_path):
+    """The weekly recipe run twice with different data: the training run's submission is untouched and
+    both weeks' predictions are on disk, each in <model dir>/predictions/<data dir name>/."""
+    models = tmp_path / "models"
+    shutil.copytree(reference["models"], models)
+    submission = (models / "test_predictions.csv").read_bytes()
+    ids = pd.read_csv(demo_data / "test_features.csv", dtype=str)["id"].tolist()
+    weeks = {"2026-w48": ids[:12], "2026-w49": ids[12:20]}
+    for week, week_ids in weeks.items():
+        result = _predict(_weekly_pickles(demo_data, tmp_path, week, week_ids), models)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert str(models / "predictions" / week / "predictions.csv") in result.stdout
+    assert (models / "test_predictions.csv").read_bytes() == submission
+    for week, week_ids in weeks.items():
+        folder = models / "predictions" / week
+        assert sorted(path.name for path in folder.iterdir()) == ["predictions.csv", "predictions_info.json",
+                                                                  "test_predictions.csv"]
+        readable = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+        assert sorted(readable["id"]) == sorted(week_ids) and set(readable["site"]) == {""}  # no CSV: no sites
+        info = json.loads((folder / "predictions_info.json").read_text())
+        assert info["data"]["path"] == str((tmp_path / "weekly" / week).resolve())
+        assert info["data"]["num_images"] == len(week_ids) and info["model"]["path"] == str(models / "model.pth")
+
+
+def test_predict_only_replaces_its_own_predictions_and_others_only_with_overwrite(reference, demo_data, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(reference["models"], models)
+    ids = pd.read_csv(demo_data / "test_features.csv", dtype=str)["id"].tolist()
+    # Two data dirs of one name: the same default output folder, <model dir>/predictions/new.
+    first, second = _weekly_pickles(demo_data, tmp_path / "a", "new", ids[:6]), \
+        _weekly_pickles(demo_data, tmp_path / "b", "new", ids[6:10])
+    folder = models / "predictions" / "new"
+    assert _predict(first, models).returncode == 0
+    made = _files(folder)
+    again = _predict(first, models)  # the same model on the same data replaces its own predictions
+    assert again.returncode == 0, again.stderr
+    assert _files(folder) == made
+    other = _predict(second, models)
+    assert other.returncode == 1
+    assert "already holds predictions of other data" in other.stderr and str(first.resolve()) in other.stderr
+    assert "--overwrite" in other.stderr and "--output-dir" in other.stderr and "Traceback" not in other.stderr
+    assert _files(folder) == made
+    # The training run's own outputs hold a submission without a record of what made it.
+    submission = (models / "test_predictions.csv").read_bytes()
+    into_model_dir = _predict(second, models, "--output-dir", models)
+    assert into_model_dir.returncode == 1 and "--overwrite" in into_model_dir.stderr
+    assert (models / "test_predictions.csv").read_bytes() == submission
+    # Another model (other bytes in model.pth) on the same data.
+    other_models = tmp_path / "other-models"
+    other_models.mkdir()
+    artifact = torch.load(models / "model.pth", weights_only=True)
+    artifact["hyperparameters"]["seed"] = 99
+    torch.save(artifact, other_models / "model.pth")
+    refused = _predict(first, other_models, "--output-dir", folder)
+    assert refused.returncode == 1 and "already holds predictions of another model" in refused.stderr
+    replaced = _predict(second, models, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(pd.read_csv(folder / "predictions.csv", dtype=str)["id"]) == sorted(ids[6:10])
+
+
+def test_predictions_csv_is_the_submission_made_readable(reference, demo_data):
+    models = reference["models"]
+    submission = pd.read_csv(models / "test_predictions.csv", dtype={"id": str})
+    readable = pd.read_csv(models / "predictions.csv", dtype={"id": str, "site": str})
+    class_names = list(submission.columns[1:])
+    assert list(readable.columns) == ["id", "site", "predicted_class", "probability", *class_names]
+    assert readable["id"].tolist() == submission["id"].tolist()
+    probs = submission[class_names].to_numpy()
+    np.testing.assert_array_equal(readable[class_names].to_numpy(), probs)
+    assert readable["predicted_class"].tolist() == [class_names[k] for k in probs.argmax(axis=1)]
+    np.testing.assert_array_equal(readable["probability"].to_numpy(), probs.max(axis=1))
+    sites = pd.read_csv(demo_data / "test_features.csv", dtype=str).set_index("id")["site"]
+    assert readable["site"].tolist() == [sites[image_id] for image_id in readable["id"]]
+
+
+# --------------------------------------------------------------------------- Ctrl-C (issue 10)
+def _popen(*args) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, str(REPO_ROOT / "dss_train.py"), *map(str, args)], env=clean_env(),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until(process: subprocess.Popen, marker: str) -> None:
+    """Read the run's stdout up to a line holding ``marker``."""
+    for line in process.stdout:
+        if marker in line:
+            return
+    process.wait(timeout=60)
+    raise AssertionError(f"run ended (rc {process.returncode}) before printing {marker!r}: {process.stderr.read()}")
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_ctrl_c_without_a_checkpoint_dir_exits_130_with_one_line(demo_pickles, tmp_path):
+    process = _popen("--data-dir", demo_pickles, "--model-dir", tmp_path / "models", *COMMON, "--epochs", "3")
+    _read_until(process, "epoch 1/3:")  # in the training loop
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout + stderr
+    line = _one_line(stderr)
+    assert "stopped by Ctrl-C (SIGINT)" in line and "nothing saved: no --checkpoint-dir was given" in line
+    assert "press Ctrl-C again to stop at once" in stdout
+    assert not (tmp_path / "models" / "model.pth").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once(demo_pickles, tmp_path):
+    """Slow steps (160 px network input) so that the second Ctrl-C comes while the first waits for its step."""
+    ckpt = tmp_path / "ckpt"
+    process = _popen("--data-dir", demo_pickles, "--model-dir", tmp_path / "models", "--checkpoint-dir", ckpt,
+                     *COMMON, "--image-size", "160")
+    _wait_for_checkpoint(process, ckpt)
+    saved = sorted(ckpt.glob("ckpt-*"))
+    process.send_signal(signal.SIGINT)
+    _read_until(process, "Ctrl-C (SIGINT) received")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout + stderr
+    line = _one_line(stderr)
+    assert "stopped at once by Ctrl-C (SIGINT)" in line and "same --checkpoint-dir" in line
+    assert sorted(ckpt.glob("ckpt-*")) == saved  # it did not wait for the step to save another
+    assert not (tmp_path / "models" / "model.pth").exists()
+
+
+# --------------------------------------------------------------------------- checkpoints kept, threads (issue 10)
+def test_keep_checkpoints_and_the_default_thread_count(demo_pickles, tmp_path):
+    """--keep-checkpoints N keeps the newest N; each is ~179 MB (as --help says); without --num-threads
+    the run uses the CPUs it may use and config.json records the count."""
+    ckpt, models = tmp_path / "ckpt", tmp_path / "models"
+    result = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", models, "--checkpoint-dir", ckpt,
+                                         "--epochs", "3", "--batch-size", "16", "--weights", "none",
+                                         "--keep-checkpoints", "2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = sorted(ckpt.glob("ckpt-*.pt"))
+    assert [path.name[:11] for path in kept] == ["ckpt-e00002", "ckpt-e00003"]
+    assert all(170e6 < path.stat().st_size < 190e6 for path in kept), [path.stat().st_size for path in kept]
+    assert "about 179 MB for ResNet18 with adamw" in " ".join(dss_train.build_parser().format_help().split())
+    count = json.loads((models / "config.json").read_text())["num_threads"]
+    assert isinstance(count, int) and 1 <= count <= threads.allowed_cpus()
+    assert f"CPU threads: {count} (the CPUs this process may use" in result.stdout
+
+
+# --------------------------------------------------------------------------- sizes and messages (issue 10)
+@pytest.mark.parametrize("script", ["preprocess.py", "dss_train.py"])
+def test_an_image_size_below_what_resnet18_can_use_is_an_error(script):
+    result = run_script(script, ["--image-size", "31"])
+    assert result.returncode == 2 and "expected at least 32 px" in result.stderr, result.stderr
+
+
+def test_pickles_stored_below_32_px_are_refused_naming_the_minimum(demo_pickles, tmp_path):
+    train_split = dataset.load_file(demo_pickles / "train_data.pkl")
+    train_split["images"] = np.ascontiguousarray(train_split["images"][:, ::2, ::2])
+    train_split["info"]["image_size"] = 16
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train_data.pkl").write_bytes(pickle.dumps(dataset.validate(train_split), protocol=dataset.PICKLE_PROTOCOL))
+    result = train(data, tmp_path / "models")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "stored at 16 px, below the 32 px" in result.stderr and "--image-size 32" in result.stderr
+
+
+def test_test_data_only_suggests_predict_only(demo_pickles, tmp_path):
+    _copy_test_pickle(demo_pickles, tmp_path / "new")
+    result = train(tmp_path / "new", tmp_path / "models")
+    assert result.returncode == 1 and "only test data" in result.stderr and "--predict-only" in result.stderr
+
+
+def test_a_missing_data_dir_is_reported_as_missing(reference, tmp_path):
+    missing = tmp_path / "nope"
+    for extra in (["--model-dir", tmp_path / "models"],
+                  ["--model-dir", reference["models"], "--predict-only", "--output-dir", tmp_path / "out"]):
+        result = run_script("dss_train.py", ["--data-dir", missing, *extra])
+        assert result.returncode == 1 and f"data dir {missing} does not exist" in result.stderr, result.stderr
+
+
+def test_extending_a_finished_run_suggests_fine_tuning_from_its_model(reference, demo_pickles, tmp_path):
+    models, ckpt = tmp_path / "models", tmp_path / "ckpt"
+    shutil.copytree(reference["models"], models)
+    shutil.copytree(reference["ckpt"], ckpt)
+    result = train(demo_pickles, models, "--checkpoint-dir", ckpt, "--epochs", "4")
+    assert result.returncode == 1
+    text = " ".join(result.stderr.split())
+    assert "epochs: checkpoint has 2, this run has 4" in text and "That run finished (2 epochs)" in text
+    assert f"--weights {models / 'model.pth'} with a new --checkpoint-dir" in text
+
+
+@pytest.mark.parametrize("script", ["preprocess.py", "dss_train.py"])
+def test_help_states_each_default_once(script):
+    text = run_script(script, ["--help"]).stdout
+    for block in re.split(r"\n(?=  -)", text):
+        if block.startswith("  -"):
+            assert len(re.findall(r"\bdefault\b", block, re.IGNORECASE)) <= 1, block
+
+
+# --------------------------------------------------------------------------- where it fails, calibration, --arch
+def test_where_it_fails_outputs_recompute_from_val_predictions(reference):
+    models = reference["models"]
+    frame = pd.read_csv(models / "val_predictions.csv", dtype={"id": str, "site": str})
+    class_names = list(frame.columns[3:])
+    probs = frame[class_names].to_numpy()
+    truth = frame["label"].map({name: index for index, name in enumerate(class_names)}).to_numpy()
+    table = pd.read_csv(models / "site_metrics.csv", dtype={"site": str})
+    assert list(table.columns) == ["site", "images", "accuracy", "log_loss", "mean_true_prob",
+                                   *[f"n_{name}" for name in class_names]]
+    assert sorted(table["site"]) == sorted(frame["site"].unique())
+    assert table["log_loss"].tolist() == sorted(table["log_loss"], reverse=True)  # worst site first
+    clipped = np.clip(probs, 1e-15, 1 - 1e-15)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    losses = -np.log(clipped[np.arange(len(truth)), truth])
+    for row in table.to_dict("records"):
+        members = (frame["site"] == row["site"]).to_numpy()
+        assert row["images"] == members.sum()
+        assert row["accuracy"] == pytest.approx(np.mean(probs[members].argmax(axis=1) == truth[members]))
+        assert row["log_loss"] == pytest.approx(losses[members].mean(), rel=1e-9)
+        assert row["mean_true_prob"] == pytest.approx(probs[members, truth[members]].mean(), rel=1e-9)
+        assert [row[f"n_{name}"] for name in class_names] == np.bincount(truth[members],
+                                                                         minlength=len(class_names)).tolist()
+    # ECE of the published (calibrated) validation predictions: 15 bins (i/15, (i+1)/15] of the top probability.
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
+    bins = np.searchsorted(np.linspace(0.0, 1.0, 16)[1:-1], confidence, side="left")
+    ece = sum(np.sum(bins == b) / len(truth) * abs(correct[bins == b].mean() - confidence[bins == b].mean())
+              for b in np.unique(bins))
+    record = json.loads((models / "metrics.json").read_text())["calibration"]
+    assert record["ece"] == pytest.approx(ece, rel=1e-9, abs=1e-12)
+    assert record["ece"] == pytest.approx(record["ece_after"], rel=1e-9, abs=1e-12)
+    assert record["temperature_scaling"] is True and record["logloss_after"] <= record["logloss_before"]
+    for name in ("calibration.png", "top_losses.png"):
+        data = (models / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+    assert re.search(r"temperature scaling: T=\d+\.\d{4}, val log loss", reference["stdout"])
+
+
+def test_hosting_returns_the_training_runs_calibrated_probabilities(reference, demo_data, demo_pickles):
+    from dss import serve
+
+    served = serve.model_fn(str(reference["models"]))
+    assert served.temperature == torch.load(reference["models"] / "model.pth",
+                                            weights_only=True)["hyperparameters"]["temperature"] != 1.0
+    ids = dataset.load_split(demo_pickles, "test")["ids"]  # the batch the training run predicted, in its order
+    paths = pd.read_csv(demo_data / "test_features.csv", dtype=str).set_index("id")["filepath"]
+    bodies = [base64.b64encode((demo_data / paths[image_id]).read_bytes()).decode() for image_id in ids]
+    probs = serve.predict_fn(serve.input_fn(json.dumps(bodies), "application/json"), served)["probs"]
+    theirs = pd.read_csv(reference["models"] / "test_predictions.csv", dtype={"id": str}).set_index("id")
+    np.testing.assert_allclose(probs, theirs.loc[list(ids)].to_numpy(dtype=float), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", backbones.ARCHITECTURES)
+def test_every_arch_trains_and_predicts(arch, demo_pickles, tmp_path):
+    """One epoch at 32 px from random weights, then --predict-only reproduces the test predictions.
+    resnet34 also runs with --temperature-scaling false (T = 1 everywhere)."""
+    calibrate = "false" if arch == "resnet34" else "true"
+    result = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", tmp_path / "m", "--arch", arch,
+                                         "--epochs", "1", "--batch-size", "32", "--weights", "none",
+                                         "--num-threads", "2", "--temperature-scaling", calibrate])
+    assert result.returncode == 0, result.stdout + result.stderr
+    artifact = torch.load(tmp_path / "m" / "model.pth", weights_only=True)
+    mean, std = backbones.normalisation(arch)
+    assert artifact["arch"] == arch and artifact["hyperparameters"]["arch"] == arch
+    assert (artifact["preprocessing"]["mean"], artifact["preprocessing"]["std"]) == (list(mean), list(std))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["arch"] == arch and config["temperature_scaling"] is (calibrate == "true")
+    assert (artifact["hyperparameters"]["temperature"] == 1.0) is (calibrate == "false")
+    result = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", tmp_path / "m",
+                                         "--output-dir", tmp_path / "p", "--predict-only", "--num-threads", "2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    ours = pd.read_csv(tmp_path / "p" / "test_predictions.csv")
+    theirs = pd.read_csv(tmp_path / "m" / "test_predictions.csv")
+    np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-9)
+
+
+def test_ema_trains_resumes_exactly_and_saves_the_averaged_weights(demo_pickles, tmp_path):
+    ema = ("--ema-decay", "0.9")
+    whole = train(demo_pickles, tmp_path / "whole", "--checkpoint-dir", tmp_path / "ckpt-whole", *ema)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    ckpt, models = tmp_path / "ckpt", tmp_path / "models"
+    process = _start(demo_pickles, models, ckpt, *ema)
+    _wait_for_checkpoint(process, ckpt)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    result = train(demo_pickles, models, "--checkpoint-dir", ckpt, *ema)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout
+    _assert_same_run(tmp_path / "whole", models)
+    artifact = torch.load(tmp_path / "whole" / "model.pth", weights_only=True)
+    assert artifact["hyperparameters"]["ema_decay"] == 0.9
+    (path,) = (tmp_path / "ckpt-whole").glob("ckpt-*.pt")
+    saved = torch.load(path, weights_only=True)
+    assert saved["ema"]["updates"] == saved["step"] > 0
+    # model.pth holds the best epoch's averaged weights, not the raw ones.
+    for name, tensor in artifact["state_dict"].items():
+        assert torch.equal(tensor, saved["best_model"][name]), name
+    if artifact["hyperparameters"]["best_epoch"] == 2:
+        assert all(torch.equal(tensor, saved["ema"]["weights"][name]) for name, tensor in artifact["state_dict"].items())
+    assert any(not torch.equal(saved["ema"]["weights"][name], saved["model"][name])
+               for name in saved["model"] if saved["model"][name].is_floating_point())

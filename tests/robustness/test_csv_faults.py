@@ -24,7 +24,7 @@ from bench import fuzz
 from dss import dataset, labels
 from tests.conftest import run_script
 
-SIZE = 16
+SIZE = 32  # px: the smallest --image-size preprocess.py accepts
 CLASS_COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "bird": (30, 30, 200)}
 FUZZ = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from dss import dataset
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
-SIZE = 16
+SIZE = 32  # px: the smallest --image-size preprocess.py accepts
 OUTPUT_NAMES = ("train_data.pkl", "test_data.pkl", "train_metadata.csv", "test_metadata.csv")
 
 

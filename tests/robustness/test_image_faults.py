@@ -22,7 +22,7 @@ from bench import fuzz
 from dss import dataset, images, planning, sources
 from tests.conftest import run_script
 
-SIZE = 16
+SIZE = 32  # px: the smallest --image-size preprocess.py accepts
 FUZZ = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 
 

@@ -273,7 +273,7 @@ def test_c11_no_region_with_an_endpoint_runs(s3_server, s3_client, bucket, s3_da
                            capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "None", check.stdout + check.stderr  # really no region anywhere
     result = run_script("preprocess.py", ["--input", s3_dataset, "--output-dir", f"s3://{bucket}/out/",
-                                          "--endpoint-url", s3_server["endpoint"], "--image-size", "16",
+                                          "--endpoint-url", s3_server["endpoint"], "--image-size", "32",
                                           "--workers", "1"], env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(train_ids_written_to_s3(s3_client, bucket, tmp_path)) == 12
@@ -361,6 +361,6 @@ def test_c12_c13_subprocess_run_with_endpoint_url_s3_and_when_required(s3_server
     env = clean_env(**FAKE_AWS_ENV, AWS_ENDPOINT_URL_S3=s3_server["endpoint"],
                     AWS_REQUEST_CHECKSUM_CALCULATION="when_required")
     result = run_script("preprocess.py", ["--input", f"s3://{bucket}/data/", "--output-dir", f"s3://{bucket}/out/",
-                                          "--image-size", "16", "--workers", "1"], env=env, timeout=300)
+                                          "--image-size", "32", "--workers", "1"], env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(train_ids_written_to_s3(s3_client, bucket, tmp_path)) == 12
