@@ -3,7 +3,7 @@ weights, its input normalisation and the name of the head that is replaced for o
 
 One table (``_BACKBONES``) says everything that differs between architectures; ``dss.model``
 builds, loads and saves networks through it. Every entry reduces its input 32 times (five
-stride-2 stages), so every one needs at least ``MIN_INPUT_SIZE`` px.
+stride-2 stages), so every one needs at least ``dss.cli.MIN_IMAGE_SIZE`` px, which both scripts check.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from torch import nn
 
 DEFAULT_ARCH = "resnet18"
-MIN_INPUT_SIZE = 32  # px: total stride 32, so a smaller input loses all spatial extent
 
 
 @dataclass(frozen=True)
