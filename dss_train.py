@@ -23,14 +23,12 @@ dict, so use the dashed names: ``{"epochs": 10, "batch-size": 64, "weights": "im
 Unknown names are an error. Paths default from SM_CHANNEL_TRAINING/SM_CHANNEL_TRAIN, SM_MODEL_DIR
 and SM_OUTPUT_DATA_DIR; checkpoints go to /opt/ml/checkpoints (set ``checkpoint_s3_uri`` for spot
 training) and a restarted job resumes from the newest valid one. A failure's reason is written to
-``$SM_OUTPUT_DIR/failure``. ``model_fn``/``input_fn``/``predict_fn``/``output_fn`` below serve the
-model after ``estimator.deploy()``.
+``$SM_OUTPUT_DIR/failure``. ``model_fn``/``input_fn``/``predict_fn``/``output_fn`` serve the model after deploy.
 
 Exit status: 0 success; 1 error (message on stderr); 2 bad arguments; 143 stopped by SIGTERM, 130 by
 Ctrl-C, at the next step after saving a checkpoint when there is a --checkpoint-dir (re-run with the same
 one to continue); a second Ctrl-C stops at once.
 """
-
 
 from __future__ import annotations
 
