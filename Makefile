@@ -6,7 +6,7 @@ DEMO_DIR := data
 DEMO_OUT := output
 DEMO_MODELS := models
 
-.PHONY: venv demo test test-all bench bench-preprocess bench-train fuzz sagemaker-source clean
+.PHONY: venv demo test test-timing test-all bench bench-preprocess bench-train fuzz sagemaker-source clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# Probes that measure CPU time, run on a quiet machine (other processes can upset them, so make test skips them).
+test-timing: venv
+	DSS_TIMING_TESTS=1 $(PY) -m pytest -q tests/test_threads.py
 
 bench: bench-preprocess bench-train
 
