@@ -56,7 +56,7 @@ def test_spin_wait_is_bounded_unless_the_environment_says_otherwise():
 
 # Two threads run a short parallel op, then this process does ~1 ms of serial Python: a worker thread
 # that spins through the serial part burns a second CPU (CPU time ~2x wall time); one that sleeps
-# does not (~1x).
+# after a short spin does not (~1.2x: the spin, and waking it for every op).
 SPIN_PROBE = """
 import time, sys
 sys.path.insert(0, {root!r})
@@ -90,4 +90,4 @@ def test_dss_train_makes_idle_openmp_threads_sleep_before_torch_loads():
     # process busy beside the probe can only make a spinning thread look idle, or a run look slow.
     if max(_cpu_per_wall("") for _ in range(2)) < 1.5:
         pytest.skip("the machine is too busy for the probe to tell a spinning thread from a sleeping one")
-    assert min(_cpu_per_wall("import dss_train") for _ in range(2)) < 1.3
+    assert min(_cpu_per_wall("import dss_train") for _ in range(2)) < 1.5  # ~1.2 on the idle 2-core VM
