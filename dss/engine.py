@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dss import distributed, metrics
+from dss import calibration, distributed, metrics
 from dss.loader import DeviceImages, GpuAugment, Normalisation, eval_transform, num_train_batches
 
 if TYPE_CHECKING:
@@ -334,6 +334,15 @@ def predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> np
     if len(images) == 0:
         raise ValueError("no images to predict")
     return _log_probs(_eval_mode_logits(model, images, how).double().cpu()).numpy()
+
+
+def predict_ensemble_probs(networks: list[nn.Module], images: DeviceImages, how: Inference,
+                           temperature: float = 1.0) -> np.ndarray:
+    """float64 (N, C): the mean over ``networks`` (an ensemble's members, or one network) of their
+    probabilities at ``temperature``, ``calibration.ensemble_probs`` of their ``predict_logits``:
+    the computation of a training run's test predictions, so predict-only and hosting match them."""
+    return calibration.ensemble_probs(np.stack([predict_logits(network, images, how) for network in networks]),
+                                      temperature)
 
 
 def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, how: Inference) -> dict:

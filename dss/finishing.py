@@ -1,7 +1,9 @@
-"""The end of a training run, after the epoch loop: the best epoch's weights back in the network,
-the temperature fitted on its validation logits (``--temperature-scaling``), the test
-predictions at that temperature, the validation images with the highest loss, and the
-``outputs.RunResult`` that ``outputs.write_all_outputs`` turns into files.
+"""The end of a training run, after the epoch loops: each member's best weights back in the
+network and its test logits (``close_member``); then for the run (``finish``) the temperature
+fitted on the validation logits (K = 1) or the out-of-fold logits (K > 1) with
+``--temperature-scaling``, the test predictions (the mean of the members' calibrated
+probabilities), the validation images with the highest loss, and the ``outputs.RunResult`` that
+``outputs.write_all_outputs`` turns into files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dss import calibration, diagnostics, engine, outputs
+from dss import calibration, crossval, diagnostics, engine, outputs
 from dss.cli import log
 
 if TYPE_CHECKING:
@@ -23,54 +25,81 @@ if TYPE_CHECKING:
 TOP_LOSSES = 16  # validation images shown in top_losses.png
 
 
-def calibrate(enabled: bool, val_probs: np.ndarray, val_labels: np.ndarray, tta: bool
+def calibrate(enabled: bool, val_probs: np.ndarray, val_labels: np.ndarray, fitted_on: str
               ) -> tuple[float, dict, np.ndarray]:
     """(temperature, metrics.json's "calibration" record, the validation probabilities at that
-    temperature). The logits are the log of the best epoch's validation probabilities (after TTA
-    when it is on): ``engine.evaluate``'s logits, up to rounding. Off: T = 1, probabilities kept."""
+    temperature). The logits are the log of the best epochs' validation (or out-of-fold)
+    probabilities, after TTA when it is on: ``engine.evaluate``'s logits, up to rounding.
+    ``fitted_on`` names them in the record. Off: T = 1, probabilities kept."""
     logits = np.log(np.maximum(np.asarray(val_probs, dtype=np.float64), np.finfo(np.float64).tiny))
     temperature = calibration.fit_temperature(logits, val_labels) if enabled else 1.0
-    record = {"temperature_scaling": bool(enabled), "fitted_on": "validation" + (" (TTA)" if tta else ""),
+    record = {"temperature_scaling": bool(enabled), "fitted_on": fitted_on,
               **calibration.summary(logits, val_labels, temperature)}
     if not enabled:
         return 1.0, record, np.asarray(val_probs, dtype=np.float64)
-    log.info(f"temperature scaling: T={temperature:.4f}, val log loss {record['logloss_before']:.4f} -> "
+    log.info(f"temperature scaling on {fitted_on} logits: T={temperature:.4f}, log loss {record['logloss_before']:.4f} -> "
              f"{record['logloss_after']:.4f}, ECE {record['ece_before']:.4f} -> {record['ece_after']:.4f}")
     return temperature, record, calibration.apply_temperature(logits, temperature)
 
 
-def top_loss_images(val_images, val_probs: np.ndarray, val_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def top_loss_images(data: TrainingData, val_index: np.ndarray, val_probs: np.ndarray, val_labels: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(validation row indices, uint8 (k, H, W, 3) images) of the ``TOP_LOSSES`` highest-loss rows,
-    highest first; ``val_images`` is the placed view the run evaluated."""
+    highest first; ``val_index``: the validation rows' indices in the train split."""
     order, _ = diagnostics.top_losses(val_probs, val_labels, TOP_LOSSES)
     if order.size == 0:
         return order, np.zeros((0, 1, 1, 3), dtype=np.uint8)
-    batch = val_images.gather(torch.as_tensor(order, dtype=torch.long))  # uint8 (k, 3, H, W)
+    rows = val_index[order]
+    ascending = np.argsort(rows)  # streamed splits read rows in file order
+    shown = data.place(data.train["images"], rows[ascending])  # only these k images
+    batch = shown.gather(torch.as_tensor(np.argsort(ascending), dtype=torch.long))  # uint8 (k, 3, H, W), in order
     return order, batch.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def finish(settings: Settings, state: TrainingState, data: TrainingData, eval_model: torch.nn.Module,
-           inference: engine.Inference, val_images, config: dict) -> outputs.RunResult:
-    """Load the best epoch's weights, calibrate, predict the test split (every rank must call:
-    under DDP the ranks share the prediction) and gather what the outputs need."""
+def close_member(state: TrainingState, fold: crossval.Fold, eval_model: torch.nn.Module,
+                 inference: engine.Inference, data: TrainingData) -> crossval.Member:
+    """Load the member's best epoch's weights and predict the test split's logits with them
+    (every rank must call: under DDP the ranks share the prediction)."""
     state.model.load_state_dict(state.best_model)  # the final model and outputs are the best epoch's
     eval_model.eval()
-    val_labels = data.labels[data.val_index]
-    temperature, calibration_record, val_probs = calibrate(settings.temperature_scaling, state.best_val_probs,
-                                                           val_labels, settings.tta)
+    test_logits, tick = None, time.monotonic()
+    if data.test is not None:
+        test_logits = engine.predict_logits(eval_model, data.place(data.test["images"]), inference)
+    return crossval.Member(fold, state.history, state.best, state.best_model, state.best_val_probs, test_logits,
+                           time.monotonic() - tick)
+
+
+def finish(settings: Settings, members: list[crossval.Member], data: TrainingData, inference: engine.Inference,
+           config: dict) -> outputs.RunResult:
+    """Calibrate the validation (K = 1) or out-of-fold (K > 1) probabilities, average the members'
+    calibrated test probabilities and gather what the outputs need."""
+    ensemble = len(members) > 1
+    is_val = np.ones(len(data.labels), dtype=bool) if ensemble else members[0].fold.is_val
+    val_index = np.flatnonzero(is_val)
+    val_labels = data.labels[val_index]
+    raw_probs = crossval.raw_validation_probs(members, is_val, data.num_classes)
+    fitted_on = ("out-of-fold" if ensemble else "validation") + (" (TTA)" if settings.tta else "")
+    temperature, calibration_record, val_probs = calibrate(settings.temperature_scaling, raw_probs, val_labels,
+                                                           fitted_on)
     test_probs, test_info = None, {"skipped": f"no test_data.pkl in {settings.data_dir}"}
     if data.test is not None:
-        tick = time.monotonic()
-        test_probs = engine.predict_probs(eval_model, data.place(data.test["images"]), inference, temperature)
-        test_info = {"tta": bool(settings.tta), "temperature": temperature, "seconds": time.monotonic() - tick}
+        # The mean of the members' probabilities at the temperature: what predict-only and hosting compute.
+        test_probs = calibration.ensemble_probs(np.stack([member.test_logits for member in members]), temperature)
+        test_info = {"tta": bool(settings.tta), "temperature": temperature, "members": len(members),
+                     "seconds": sum(member.test_seconds for member in members)}
+    sites = np.asarray(data.train["sites"], dtype=object)
+    cv = crossval.cv_record(members, val_labels, raw_probs, val_probs, sites) if ensemble else None
+    best = (crossval.oof_best(members, val_labels, raw_probs, data.class_names) if ensemble
+            else members[0].best)
     norm = inference.normalisation
     hyperparameters = {**settings.recipe(data.split_by), "tta": settings.tta, "temperature": temperature,
-                       "best_epoch": state.best["epoch"]}
+                       "folds": len(members), "best_epoch": best["epoch"] if not ensemble else best["fold_epochs"]}
     return outputs.RunResult(
         model_dir=settings.model_dir, output_dir=settings.output_dir, data_dir=settings.data_dir,
-        history=state.history, best=state.best, best_model=state.best_model, best_val_probs=val_probs,
-        train=data.train, is_val=data.is_val, test=data.test, test_probs=test_probs, test_info=test_info,
-        prior=data.prior, class_names=data.class_names,
+        history=[record for member in members for record in member.history], best=best,
+        members=[member.best_model for member in members], best_val_probs=val_probs,
+        train=data.train, is_val=is_val, fold_of=crossval.fold_numbers(members, len(is_val)) if ensemble else None,
+        test=data.test, test_probs=test_probs, test_info=test_info, prior=data.prior, class_names=data.class_names,
         preprocessing={**data.preprocessing(), "mean": list(norm.mean), "std": list(norm.std)}, config=config,
-        hyperparameters=hyperparameters, calibration=calibration_record,
-        top_losses=top_loss_images(val_images, val_probs, val_labels))
+        hyperparameters=hyperparameters, calibration=calibration_record, cv=cv,
+        top_losses=top_loss_images(data, val_index, val_probs, val_labels))

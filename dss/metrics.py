@@ -101,30 +101,35 @@ def save_figure(figure, path: str | os.PathLike) -> None:
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike) -> None:
-    """Losses (train, val, val log loss), accuracies and learning rate against epoch, as a PNG."""
+    """Losses (train, val, val log loss), accuracies and learning rate against epoch, as a PNG;
+    one line per fold for the records of a --folds K run (they carry "fold")."""
     if not history:
         raise ValueError("no epochs to plot")
-    epochs = [row["epoch"] for row in history]
-
-    def series(key):
-        return [row.get(key, np.nan) for row in history]
-
+    folds = sorted({row["fold"] for row in history if "fold" in row}) or [None]
     figure = new_figure(15, 4.5)
     loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
-    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (objective)"),
-                       ("val_logloss", "val log loss (metric)")):
-        loss_axes.plot(epochs, series(key), marker="o", label=label)
+    for fold in folds:
+        rows = [row for row in history if row.get("fold") == fold]
+        epochs = [row["epoch"] for row in rows]
+        suffix = "" if fold is None else f", fold {fold}"
+
+        def series(key):
+            return [row.get(key, np.nan) for row in rows]
+
+        for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (objective)"),
+                           ("val_logloss", "val log loss (metric)")):
+            loss_axes.plot(epochs, series(key), marker="o", label=label + suffix)
+        for key, label in (("train_acc", "train accuracy"), ("val_acc", "val accuracy")):
+            acc_axes.plot(epochs, series(key), marker="o", label=label + suffix)
+        lr_axes.plot(epochs, series("lr"), marker="o", color="tab:gray")
     loss_axes.set_title("Loss")
-    for key, label in (("train_acc", "train accuracy"), ("val_acc", "val accuracy")):
-        acc_axes.plot(epochs, series(key), marker="o", label=label)
     acc_axes.set_title("Accuracy")
-    lr_axes.plot(epochs, series("lr"), marker="o", color="tab:gray")
     lr_axes.set_title("Learning rate (end of epoch)")
     for axes in (loss_axes, acc_axes, lr_axes):
         axes.set_xlabel("epoch")
         axes.grid(alpha=0.3)
-    loss_axes.legend()
-    acc_axes.legend()
+    loss_axes.legend(fontsize="small" if len(folds) > 1 else None)
+    acc_axes.legend(fontsize="small" if len(folds) > 1 else None)
     figure.tight_layout()
     save_figure(figure, path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from collections import OrderedDict
 from pathlib import Path
 
@@ -170,16 +171,18 @@ def _plain(value, where: str):
 
 
 def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: list[str], preprocessing: dict,
-                        hyperparameters: dict, arch: str | None = None) -> None:
+                        hyperparameters: dict, arch: str | None = None, other_members: Sequence[dict] = ()) -> None:
     """Write the model artifact atomically. ``preprocessing``: image_size (network input),
     stored_image_size, resize_policy, mean, std. ``arch``: None = what ``model_arch(model)``
-    finds. Loadable with ``torch.load(weights_only=True)``."""
+    finds. ``other_members``: the state dicts of an ensemble's other members (--folds K: K - 1 of
+    them, same arch), stored as "other_members"; ``model`` is the first. Loadable with
+    ``torch.load(weights_only=True)``."""
     arch = backbones.backbone(arch or model_arch(model)).name
     required = ("image_size", "stored_image_size", "resize_policy", "mean", "std")
     absent = [key for key in required if key not in preprocessing]
     if absent:
         raise ValueError(f"preprocessing is missing {', '.join(absent)}")
-    state_dict = {name: tensor.detach().cpu().clone() for name, tensor in strip_wrapper_prefixes(model.state_dict()).items()}
+    state_dict = _cpu_state(model.state_dict())
     payload = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION,
@@ -188,10 +191,15 @@ def save_model_artifact(path: str | os.PathLike, model: nn.Module, class_names: 
         "class_names": [str(name) for name in class_names],
         "preprocessing": _plain(preprocessing, "preprocessing"),
         "hyperparameters": _plain(hyperparameters, "hyperparameters"),
+        "other_members": [_cpu_state(member) for member in other_members],
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     fileio.write_bytes(path, buffer.getvalue())
+
+
+def _cpu_state(state_dict: dict) -> dict:
+    return {name: tensor.detach().cpu().clone() for name, tensor in strip_wrapper_prefixes(state_dict).items()}
 
 
 def artifact_normalisation(artifact: dict) -> loader.Normalisation:
@@ -205,13 +213,8 @@ def artifact_temperature(artifact: dict) -> float:
     return float(artifact["hyperparameters"].get("temperature", 1.0))
 
 
-def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """Read a model artifact -> (its network in eval mode, dict of everything but the weights:
-    format, version, arch, class_names, preprocessing, hyperparameters). An artifact without an
-    ``arch`` field is a resnet18 (the only network before ``--arch``).
-
-    Always ``weights_only=True``, explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
-    environment cannot switch the unpickler back to one that runs code."""
+def _read_artifact(path: str | os.PathLike, map_location) -> dict:
+    """The checked payload of a model artifact (``torch.load(weights_only=True)``)."""
     path = Path(path)
     if not path.is_file():
         raise ModelArtifactError(f"model file not found: {path}")
@@ -227,19 +230,53 @@ def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn
     if payload.get("version") != ARTIFACT_VERSION or arch not in ARCHITECTURES:
         raise ModelArtifactError(f"{path}: unsupported artifact version {payload.get('version')!r} / "
                                  f"arch {arch!r} (expected {ARTIFACT_VERSION} / one of {', '.join(ARCHITECTURES)})")
+    payload.setdefault("other_members", [])  # artifacts of one model, and those written before --folds
     for key, kind in (("state_dict", dict), ("class_names", list), ("preprocessing", dict),
-                      ("hyperparameters", dict)):
+                      ("hyperparameters", dict), ("other_members", list)):
         if not isinstance(payload.get(key), kind):
             raise ModelArtifactError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
     class_names = payload["class_names"]
     if not class_names or not all(isinstance(name, str) for name in class_names):
         raise ModelArtifactError(f"{path}: field 'class_names' must be a non-empty list of strings")
-    model = backbones.create(arch, len(class_names))
+    return payload
+
+
+def _info(payload: dict) -> dict:
+    """Everything in an artifact but the weights, with "members": how many networks it holds."""
+    info = {key: value for key, value in payload.items() if key not in ("state_dict", "other_members")}
+    info["members"] = 1 + len(payload["other_members"])
+    return info
+
+
+def load_model_artifact(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Read a model artifact -> (its (first) network in eval mode, dict of everything but the
+    weights: format, version, arch, class_names, preprocessing, hyperparameters, members). An
+    artifact without an ``arch`` field is a resnet18 (the only network before ``--arch``).
+
+    Always ``weights_only=True``, explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the
+    environment cannot switch the unpickler back to one that runs code."""
+    payload = _read_artifact(path, map_location)
+    return _member(payload["state_dict"], payload["arch"], len(payload["class_names"]), str(path)), _info(payload)
+
+
+def _member(state_dict, arch: str, num_classes: int, where: str) -> nn.Module:
+    """A network of ``arch`` in eval mode holding ``state_dict`` (refused when it does not fit)."""
+    if not isinstance(state_dict, dict):
+        raise ModelArtifactError(f"{where}: a member's weights are not a state dict")
+    model = backbones.create(arch, num_classes)
     setattr(model, _ARCH_ATTRIBUTE, arch)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise ModelArtifactError(f"{path}: weights do not fit {arch} with {len(class_names)} classes: {error}") from error
-    model.eval()
-    info = {key: value for key, value in payload.items() if key != "state_dict"}
-    return model, info
+        raise ModelArtifactError(f"{where}: weights do not fit {arch} with {num_classes} classes: {error}") from error
+    return model.eval()
+
+
+def load_ensemble(path: str | os.PathLike, map_location="cpu") -> tuple[list[nn.Module], dict]:
+    """Read a model artifact -> (its K member networks in eval mode, the info of
+    ``load_model_artifact``, with "members": K). One member for a run without --folds."""
+    payload = _read_artifact(path, map_location)
+    states = [payload["state_dict"], *payload["other_members"]]
+    members = [_member(state, payload["arch"], len(payload["class_names"]), f"{path}: member {index + 1}")
+               for index, state in enumerate(states)]
+    return members, _info(payload)

@@ -1,9 +1,9 @@
 """The files dss_train.py leaves behind, with the column names users and tests depend on.
 
-Model dir: model.pth (dss.model's artifact) and config.json. Output dir: metrics.json,
-metrics.csv, splits.csv, val_predictions.csv, test_predictions.csv (the submission) with
-predictions.csv (the same rows, readable: site, predicted class), and the plots drawn by
-dss.metrics. Every file is written atomically through dss.fileio, and a training run's files
+Model dir: model.pth (dss.model's artifact; K members with --folds K) and config.json. Output
+dir: metrics.json, metrics.csv, splits.csv, val_predictions.csv (with --folds K > 1 also
+oof_predictions.csv), test_predictions.csv (the submission) with predictions.csv (the same rows,
+readable: site, predicted class), and the plots drawn by dss.metrics and dss.diagnostics. Every file is written atomically through dss.fileio, and a training run's files
 are published together (``StagedFiles``, ``write_all_outputs``): a run that fails while writing
 its outputs leaves the previous run's files as they were.
 Also the fixed ``[METRICS]`` stdout line that SageMaker ``metric_definitions`` regexes parse.
@@ -70,16 +70,23 @@ def write_metrics(json_path: str | Path, csv_path: str | Path, epochs: list[dict
                   extra: dict | None = None) -> None:
     """metrics.json ({"epochs", "best", "test"}, then the sections of ``extra``, e.g. "calibration";
     an epoch record may carry more than EPOCH_FIELDS, e.g. "per_class") and metrics.csv (one row per
-    epoch, exactly EPOCH_FIELDS)."""
+    epoch, exactly EPOCH_FIELDS; after a "fold" column when the records have one: --folds K > 1)."""
     fileio.write_json(json_path, {"epochs": epochs, "best": best, "test": test, **(extra or {})})
-    rows = [[int(record["epoch"])] + [_number(record[name]) for name in EPOCH_FIELDS[1:]] for record in epochs]
-    fileio.write_text(csv_path, _csv_text(EPOCH_FIELDS, rows))
+    leading = ("fold", "epoch") if epochs and "fold" in epochs[0] else ("epoch",)
+    rows = [[int(record[name]) for name in leading] + [_number(record[name]) for name in EPOCH_FIELDS[1:]]
+            for record in epochs]
+    fileio.write_text(csv_path, _csv_text(leading + EPOCH_FIELDS[1:], rows))
 
 
-def write_splits(path: str | Path, ids: Sequence[str], sites: Sequence[str], is_val: np.ndarray) -> None:
-    """splits.csv: id, site, split in {train, val}; one row per training image, pickle order."""
+def write_splits(path: str | Path, ids: Sequence[str], sites: Sequence[str], is_val: np.ndarray,
+                 fold_of: np.ndarray | None = None) -> None:
+    """splits.csv: id, site, split in {train, val}; one row per training image, pickle order. With
+    ``fold_of`` (--folds K > 1) a "fold" column (1..K) too: every image is "val" in its own fold."""
     rows = [[image_id, site, "val" if flag else "train"] for image_id, site, flag in zip(ids, sites, is_val)]
-    fileio.write_text(path, _csv_text(("id", "site", "split"), rows))
+    header = ("id", "site", "split")
+    if fold_of is not None:
+        rows, header = [row + [int(fold)] for row, fold in zip(rows, fold_of)], header + ("fold",)
+    fileio.write_text(path, _csv_text(header, rows))
 
 
 def write_probabilities(path: str | Path, leading: dict[str, Sequence], probs: np.ndarray,
@@ -252,12 +259,13 @@ class RunResult:
     model_dir: Path
     output_dir: Path
     data_dir: Path                 # preprocess's summaries there name the skipped test images
-    history: list[dict]            # one record per epoch: EPOCH_FIELDS, then "per_class"
-    best: dict                     # the best epoch's scores, per-class report and confusion matrix
-    best_model: dict               # the best epoch's state dict
-    best_val_probs: np.ndarray     # float64 (N_val, C), validation rows in split order (calibrated)
+    history: list[dict]            # one record per epoch (per member): EPOCH_FIELDS, "per_class" (K > 1: "fold")
+    best: dict                     # the best epoch's (K > 1: out-of-fold) scores, per-class report, confusion matrix
+    members: list[dict]            # the best epoch's state dict of each member (one for --folds 1)
+    best_val_probs: np.ndarray     # float64 (N_val, C), validation (K > 1: out-of-fold) rows in split order (calibrated)
     train: dict                    # the train split: ids, sites, labels
-    is_val: np.ndarray             # bool (N_train,), True = validation
+    is_val: np.ndarray             # bool (N_train,), True = validation (K > 1: all)
+    fold_of: np.ndarray | None     # int64 (N_train,): the fold 1..K that validated each image; None for K = 1
     test: dict | None              # the test split; None when preprocess wrote train data only
     test_probs: np.ndarray | None  # float64 (N_test, C)
     test_info: dict                # TTA and seconds, or why there are no test predictions
@@ -267,7 +275,51 @@ class RunResult:
     config: dict                   # config.json
     hyperparameters: dict          # stored in model.pth: the recipe (with "arch"), "tta", "temperature"
     calibration: dict              # metrics.json's "calibration": temperature, log loss and ECE before/after
+    cv: dict | None                # metrics.json's "cv" (out-of-fold scores, dss.crossval.cv_record); None for K = 1
     top_losses: tuple              # (validation row indices, uint8 (k, H, W, 3) images), highest loss first
+
+    def headline(self) -> dict:
+        """The run's numbers to compare runs by (MLflow run metrics): the best epoch's validation
+        scores (best_epoch, best_val_*), or with --folds K > 1 the out-of-fold ones (cv_*)."""
+        if self.cv is not None:
+            return {"cv_logloss": self.cv["logloss"], "cv_acc": self.cv["acc"],
+                    "cv_logloss_before_temperature": self.cv["logloss_before_temperature"]}
+        return {f"best_{name}": self.best[name] for name in ("epoch", "val_loss", "val_logloss", "val_acc")}
+
+    def metrics_line(self) -> str:
+        """The final [METRICS] line: ``best_metrics_line``, or with --folds K > 1 the out-of-fold scores."""
+        if self.cv is None:
+            return best_metrics_line(self.best)
+        return "[METRICS] " + " ".join(f"{name}={value:.4f}" for name, value in self.headline().items())
+
+    def summary(self) -> str:
+        """The run's result in words, for the last log line."""
+        if self.cv is None:
+            return (f"best epoch {self.best['epoch']} (val_logloss {self.best['val_logloss']:.4f}, "
+                    f"val_acc {self.best['val_acc']:.4f})")
+        return (f"{self.cv['folds']} folds, best epochs {self.best['fold_epochs']} (out-of-fold log loss "
+                f"{self.cv['logloss']:.4f}, accuracy {self.cv['acc']:.4f})")
+
+
+OOF_PREDICTIONS = "oof_predictions.csv"
+
+
+def write_validation_files(stage: StagedFiles, result: RunResult) -> None:
+    """splits.csv and val_predictions.csv (id, site, label, probabilities of the validation rows);
+    with --folds K > 1 oof_predictions.csv (id, site, fold, label, probabilities of every labelled
+    image, from the member that did not train on its fold), else an earlier run's one is removed."""
+    folder, train, class_names = result.output_dir, result.train, result.class_names
+    val_index = np.flatnonzero(result.is_val)
+    write_splits(stage.path(folder / "splits.csv"), train["ids"], train["sites"], result.is_val, result.fold_of)
+    columns = {"id": [train["ids"][i] for i in val_index], "site": [train["sites"][i] for i in val_index],
+               "label": [class_names[int(k)] for k in train["labels"][val_index]]}
+    write_probabilities(stage.path(folder / "val_predictions.csv"), columns, result.best_val_probs, class_names)
+    if result.fold_of is None:
+        stage.remove(folder / OOF_PREDICTIONS)
+        return
+    oof_columns = {"id": columns["id"], "site": columns["site"], "fold": [int(result.fold_of[i]) for i in val_index],
+                   "label": columns["label"]}
+    write_probabilities(stage.path(folder / OOF_PREDICTIONS), oof_columns, result.best_val_probs, class_names)
 
 
 def write_diagnostics(stage: StagedFiles, result: RunResult) -> dict:
@@ -292,14 +344,8 @@ def write_all_outputs(result: RunResult) -> None:
     model_dir, output_dir, class_names = result.model_dir, result.output_dir, result.class_names
     model_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    train, val_index = result.train, np.flatnonzero(result.is_val)
     with StagedFiles() as stage:
-        write_splits(stage.path(output_dir / "splits.csv"), train["ids"], train["sites"], result.is_val)
-        write_probabilities(
-            stage.path(output_dir / "val_predictions.csv"),
-            {"id": [train["ids"][i] for i in val_index], "site": [train["sites"][i] for i in val_index],
-             "label": [class_names[int(k)] for k in train["labels"][val_index]]},
-            result.best_val_probs, class_names)
+        write_validation_files(stage, result)
         test_path, readable_path = output_dir / TEST_PREDICTIONS, output_dir / PREDICTIONS
         if result.test is not None:
             test_summary = write_test_predictions((stage.path(test_path), stage.path(readable_path)), result.data_dir,
@@ -311,17 +357,18 @@ def write_all_outputs(result: RunResult) -> None:
             test_summary = {}
         test_summary.update(result.test_info)
         calibration_record = write_diagnostics(stage, result)
+        extra = {"calibration": calibration_record, **({"cv": result.cv} if result.cv is not None else {})}
         write_metrics(stage.path(output_dir / "metrics.json"), stage.path(output_dir / "metrics.csv"),
-                      result.history, result.best, test_summary, {"calibration": calibration_record})
+                      result.history, result.best, test_summary, extra)
         metrics.plot_training_curves(result.history, stage.path(output_dir / "training_curves.png"))
         metrics.plot_confusion_matrix(np.asarray(result.best["confusion_matrix"]), class_names,
                                       stage.path(output_dir / "confusion_matrix.png"))
         fileio.write_json(stage.path(model_dir / "config.json"), result.config)
         network = model_lib.build_model(len(class_names), "none", result.hyperparameters["arch"])
-        network.load_state_dict(result.best_model)
+        network.load_state_dict(result.members[0])
         # model.pth staged (so published) last: its presence means the whole run succeeded.
         model_lib.save_model_artifact(stage.path(model_dir / model_lib.MODEL_FILENAME), network, class_names,
-                                      result.preprocessing, result.hyperparameters)
+                                      result.preprocessing, result.hyperparameters, other_members=result.members[1:])
         for removed in stage.publish():
             log.info(f"removed {removed} (from an earlier run; this data has no test split)")
     if result.test is not None:

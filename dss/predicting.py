@@ -82,7 +82,7 @@ def predict_only(settings: training.Settings) -> None:
     model_path = settings.model_dir / model_lib.MODEL_FILENAME
     if not model_path.is_file():
         raise FileNotFoundError(f"--predict-only needs {model_path}; train first or point --model-dir at a trained model")
-    network, artifact = model_lib.load_model_artifact(model_path, map_location=device)
+    networks, artifact = model_lib.load_ensemble(model_path, map_location=device)  # K members with --folds K
     class_names, preprocessing = list(artifact["class_names"]), artifact["preprocessing"]
     test = dataset.load_split(settings.data_dir, "test")
     trained = {"image_shape": (int(preprocessing["stored_image_size"]),) * 2,
@@ -92,17 +92,19 @@ def predict_only(settings: training.Settings) -> None:
     record = made_by(model_path, test, settings.data_dir)
     check_output_dir(folder, record, settings.overwrite)
     training.sweep_leftovers([folder])
-    network.to(device).eval()
+    for network in networks:
+        network.to(device).eval()
     amp_dtype, _ = engine.select_precision(device)
     inference = engine.Inference(settings.eval_batch_size, int(preprocessing["image_size"]), amp_dtype, settings.tta,
                                  normalisation=model_lib.artifact_normalisation(artifact))
     temperature = model_lib.artifact_temperature(artifact)  # the training run's, so its probabilities are ours
-    probs = engine.predict_probs(network, loader.DeviceImages(test["images"], device), inference, temperature)
+    probs = engine.predict_ensemble_probs(networks, loader.DeviceImages(test["images"], device), inference,
+                                          temperature)
     prior = np.asarray(preprocessing.get("class_prior") or np.full(len(class_names), 1.0 / len(class_names)))
     with outputs.StagedFiles() as stage:
         paths = (stage.path(folder / outputs.TEST_PREDICTIONS), stage.path(folder / outputs.PREDICTIONS))
         summary = outputs.write_test_predictions(paths, settings.data_dir, test, probs, prior, class_names)
-        info = {**record, "tta": bool(settings.tta), "temperature": temperature, **summary}
+        info = {**record, "tta": bool(settings.tta), "temperature": temperature, "members": len(networks), **summary}
         fileio.write_json(stage.path(folder / INFO_FILENAME), info)
         stage.publish()
     log.info(f"predictions: {summary['num_images']} rows -> {folder / outputs.PREDICTIONS} "

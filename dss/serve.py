@@ -24,7 +24,7 @@ optional trailing ``context`` (unused except for a worker's ``gpu_id``) and noth
 
 Images are decoded and resized exactly as preprocess.py did for training
 (``dss.images.decode_and_resize`` with the stored image size and resize policy from the model
-artifact), then predicted by ``dss.engine.predict_probs``, the same function that produces
+artifact), then predicted by ``dss.engine.predict_ensemble_probs``, the same computation that produces
 the validation and test probabilities (``eval_transform`` to the network input size, mixed
 precision on GPUs, test-time flip averaging when the model was trained with ``--tta true``).
 The handler contract gives ``input_fn`` no access to the model, so ``input_fn`` only unpacks
@@ -59,9 +59,9 @@ PREDICT_BATCH_SIZE = 256  # images per forward pass
 
 @dataclass
 class ServedModel:
-    """What ``model_fn`` returns: the network plus the preprocessing it was trained with."""
+    """What ``model_fn`` returns: the network(s) plus the preprocessing they were trained with."""
 
-    network: torch.nn.Module
+    networks: list[torch.nn.Module]  # one, or the K members of a --folds K run (their probabilities are averaged)
     class_names: list[str]
     image_size: int  # stored (decode) size, px
     input_size: int  # network input size, px
@@ -100,12 +100,13 @@ def serving_device(context=None) -> torch.device:
 def model_fn(model_dir: str, context=None) -> ServedModel:
     """Load ``model_dir/model.pth`` (weights_only) in eval mode on ``serving_device(context)``."""
     device = serving_device(context)
-    network, artifact = model_lib.load_model_artifact(Path(model_dir) / model_lib.MODEL_FILENAME, map_location=device)
-    network.to(device).eval()
+    networks, artifact = model_lib.load_ensemble(Path(model_dir) / model_lib.MODEL_FILENAME, map_location=device)
+    for network in networks:
+        network.to(device).eval()
     preprocessing = artifact["preprocessing"]
     amp_dtype, _ = engine.select_precision(device)
     return ServedModel(
-        network=network,
+        networks=networks,
         class_names=list(artifact["class_names"]),
         image_size=int(preprocessing["stored_image_size"]),
         input_size=int(preprocessing["image_size"]),
@@ -174,11 +175,12 @@ def decode_batch(image_bytes: list[bytes], image_size: int, resize_policy: str) 
 
 def predict_fn(data: list[bytes], model: ServedModel, context=None) -> dict:
     """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64}``,
-    rows in request order, from the shared ``engine.predict_probs``."""
+    rows in request order, from the shared ``engine.predict_ensemble_probs`` (the mean of the members)."""
     pixels = decode_batch(data, model.image_size, model.resize_policy)
     how = engine.Inference(PREDICT_BATCH_SIZE, model.input_size, model.amp_dtype, tta=model.tta,
                            normalisation=model.normalisation)
-    probs = engine.predict_probs(model.network, loader.DeviceImages(pixels, model.device), how, model.temperature)
+    probs = engine.predict_ensemble_probs(model.networks, loader.DeviceImages(pixels, model.device), how,
+                                          model.temperature)
     return {"class_names": list(model.class_names), "probs": probs}
 
 

@@ -177,11 +177,6 @@ class RunTracker:
                                                         for key, value in metrics.items()])
         self._submit(call)
 
-    def log_best(self, best: dict, extra: dict) -> None:
-        """The best epoch's scores (``best_epoch``, ``best_val_logloss``, ...) and run-level numbers."""
-        self.log_metrics({**{f"best_{name}": best[name] for name in ("epoch", "val_loss", "val_logloss", "val_acc")},
-                          **extra})
-
     def log_artifacts(self, paths: list[Path]) -> None:
         def call():
             for path in paths:

@@ -1,7 +1,7 @@
 """The parts of a training run that dss_train.py's ``train`` puts together, each built in one place:
 the settings (flags with the paths resolved) and the three records derived from them (config.json,
 the checkpoint fingerprint, the artifact's hyperparameters), the device and seeds, the network,
-loss and schedule, the stop flag (SIGTERM, Ctrl-C), and the per-epoch record and log lines.
+loss and schedule, and the per-epoch record and log lines (the stop flag: dss.stopping).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import platform
 import random
 import signal
 import socket
-import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from dss.cli import log
 from dss.ema import WeightEMA
 
 if TYPE_CHECKING:
+    from dss import crossval
     from dss.checkpoint import TrainingState
     from dss.training_data import TrainingData
 
@@ -103,6 +103,7 @@ class Settings:
     seed: int
     val_fraction: float
     split_by: str | None
+    folds: int
     predict_only: bool
     overwrite: bool
     device: str
@@ -145,21 +146,25 @@ class Settings:
         return {name: str(value) if isinstance(value, Path) else value for name, value in values.items()}
 
 
-def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: distributed.Context) -> dict:
-    """What a checkpoint must have been made with to continue this run."""
+def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: distributed.Context,
+                           fold: dict | None = None) -> dict:
+    """What a checkpoint must have been made with to continue this run (``fold``: the member's
+    ``crossval.Fold.fingerprint()``, nothing for K = 1)."""
     fingerprint = {"dataset_sha256": data.sha256, "num_classes": data.num_classes, "class_names": data.class_names,
                    "stored_image_size": data.stored_size, "image_size": data.input_size,
-                   **settings.recipe(data.split_by)}
+                   **settings.recipe(data.split_by), **(fold or {})}
     if context.enabled:
         # Another process count draws other batches: its checkpoints cannot continue this run.
         fingerprint["world_size"] = context.world_size
     return fingerprint
 
 
-def run_checkpoints(settings: Settings, data: TrainingData, context: distributed.Context) -> checkpoint.RunCheckpoints:
-    """This run's checkpoints: --checkpoint-dir, --keep-checkpoints, the fingerprint a checkpoint
-    must match, and the model.pth a refusal may suggest fine-tuning from."""
-    return checkpoint.RunCheckpoints(settings.checkpoint_dir, checkpoint_fingerprint(settings, data, context), context,
+def run_checkpoints(settings: Settings, data: TrainingData, context: distributed.Context,
+                    fold: crossval.Fold) -> checkpoint.RunCheckpoints:
+    """A member's checkpoints: --checkpoint-dir (``fold-<k>`` in it for K > 1), --keep-checkpoints,
+    the fingerprint a checkpoint must match, and the model.pth a refusal may suggest fine-tuning from."""
+    return checkpoint.RunCheckpoints(fold.checkpoint_dir(settings.checkpoint_dir),
+                                     checkpoint_fingerprint(settings, data, context, fold.fingerprint()), context,
                                      keep=settings.keep_checkpoints,
                                      model_path=settings.model_dir / model_lib.MODEL_FILENAME)
 
@@ -286,6 +291,14 @@ def normalisation(arch: str) -> loader.Normalisation:
     return loader.Normalisation(*backbones.normalisation(arch))
 
 
+def inference(settings: Settings, data: TrainingData, context: distributed.Context) -> engine.Inference:
+    """How the run evaluates and predicts: --eval-batch-size, the input size, precision, --tta,
+    this rank's share, the arch's normalisation."""
+    amp_dtype, _ = engine.select_precision(context.device)
+    return engine.Inference(settings.eval_batch_size, data.input_size, amp_dtype, settings.tta,
+                            context.rank, context.world_size, normalisation(settings.arch))
+
+
 def to_device(network: torch.nn.Module, context: distributed.Context) -> torch.nn.Module:
     network = network.to(context.device)
     # DDP also on the CPU: its gradient buckets take the parameters' layout, which must match the
@@ -319,52 +332,6 @@ def make_loss(labels: np.ndarray, num_classes: int, class_weights: str, label_sm
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
-# --------------------------------------------------------------------------- stopping
-class StopFlag:
-    """Set by SIGTERM (SageMaker spot interruption, ``docker stop``) or Ctrl-C (SIGINT); training
-    stops at the next step (and saves a checkpoint when it has a checkpoint dir). A second Ctrl-C
-    stops at once: the handler raises KeyboardInterrupt.
-
-    ``with StopFlag(context) as stop_requested:`` installs the handlers for the block (from the main
-    thread only; Python delivers signals there) and ``stop_requested()`` is the poll the training
-    loop calls once per step on every rank; ``signum`` is the signal that set it. Under DDP all
-    ranks must stop at the same step, so every ``every_steps`` calls the ranks agree (one small
-    all-reduce) whether any of them got a signal.
-    """
-
-    def __init__(self, context: distributed.Context, every_steps: int = 8):
-        self.context, self.every_steps = context, every_steps
-        self.event = threading.Event()
-        self.signum: int | None = None
-        self.previous: dict = {}
-        self.calls = 0
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in SIGNAL_NAMES}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.event.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
-        self.signum = self.signum or signum
-        again = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-        log.info(f"{SIGNAL_NAMES[signum]} received: stopping at the next step (and saving a checkpoint when "
-                 f"there is a --checkpoint-dir){again}")
-        self.event.set()
-
-    def __call__(self) -> bool:
-        if not self.context.enabled:
-            return self.event.is_set()
-        self.calls += 1
-        return self.calls % self.every_steps == 0 and distributed.any_rank(self.context, self.event.is_set())
-
-
 # --------------------------------------------------------------------------- per-epoch records
 def epoch_record(epoch: int, train_stats: dict, eval_stats: dict, lr: float, epoch_seconds: float) -> dict:
     """One row of metrics.csv (``outputs.EPOCH_FIELDS``, in that order)."""
@@ -381,9 +348,10 @@ def epoch_record(epoch: int, train_stats: dict, eval_stats: dict, lr: float, epo
     }
 
 
-def epoch_lines(record: dict, epochs: int, improved: bool) -> list[str]:
-    """The log lines of an epoch: a summary, the per-class F1 scores and the [METRICS] line."""
-    summary = (f"epoch {record['epoch']}/{epochs}: train_loss {record['train_loss']:.4f} "
+def epoch_lines(record: dict, epochs: int, improved: bool, fold: str = "") -> list[str]:
+    """The log lines of an epoch: a summary (after ``fold``, e.g. "fold 2/5 ", with --folds K > 1),
+    the per-class F1 scores and the [METRICS] line."""
+    summary = (f"{fold}epoch {record['epoch']}/{epochs}: train_loss {record['train_loss']:.4f} "
                f"acc {record['train_acc']:.4f} | val_loss {record['val_loss']:.4f} "
                f"logloss {record['val_logloss']:.4f} acc {record['val_acc']:.4f} | lr {record['lr']:.2e} | "
                f"{record['epoch_seconds']:.1f} s, {record['train_images_per_s']:.0f} img/s"

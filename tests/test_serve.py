@@ -80,7 +80,7 @@ def test_dss_train_reexports_the_handlers():
 def test_model_fn_reads_the_stored_preprocessing(served):
     assert served.class_names == CLASS_NAMES
     assert (served.image_size, served.input_size, served.resize_policy) == (STORED_SIZE, INPUT_SIZE, "squash")
-    assert not served.network.training
+    assert not served.networks[0].training
     assert served.tta is False
     assert served.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -163,7 +163,7 @@ def test_handlers_use_the_training_preprocessing(served):
     body = _encoded("JPEG", seed=2)
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
-    expected = engine.predict_probs(served.network, loader.DeviceImages(pixels[None], served.device),
+    expected = engine.predict_probs(served.networks[0], loader.DeviceImages(pixels[None], served.device),
                                     engine.Inference(8, INPUT_SIZE, served.amp_dtype))
     np.testing.assert_allclose(served_probs, expected, rtol=1e-5, atol=1e-7)
 
@@ -175,9 +175,9 @@ def test_model_trained_with_tta_is_served_with_tta(tmp_path):
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_tta)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
     device_images = loader.DeviceImages(pixels[None], served_tta.device)
-    with_flip = engine.predict_probs(served_tta.network, device_images,
+    with_flip = engine.predict_probs(served_tta.networks[0], device_images,
                                      engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype, tta=True))
-    without_flip = engine.predict_probs(served_tta.network, device_images,
+    without_flip = engine.predict_probs(served_tta.networks[0], device_images,
                                         engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype))
     np.testing.assert_allclose(served_probs, with_flip, rtol=1e-5, atol=1e-7)
     assert not np.allclose(with_flip, without_flip, rtol=1e-6, atol=1e-9)
@@ -249,5 +249,5 @@ def test_stored_temperature_and_normalisation_are_applied(tmp_path):
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_t)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
     how = engine.Inference(8, INPUT_SIZE, served_t.amp_dtype, normalisation=served_t.normalisation)
-    logits = engine.predict_logits(served_t.network, loader.DeviceImages(pixels[None], served_t.device), how)
+    logits = engine.predict_logits(served_t.networks[0], loader.DeviceImages(pixels[None], served_t.device), how)
     np.testing.assert_allclose(served_probs, calibration.apply_temperature(logits, 2.5), rtol=0, atol=1e-12)

@@ -122,5 +122,5 @@ def test_a_streamed_run_leaves_no_reader_thread(demo_shards, tmp_path, monkeypat
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and (tmp_path / "models" / "model.pth").is_file()
-    assert len(views) == 3  # train, validation and test images
+    assert len(views) == 4  # train, validation and test images, and the top-loss images shown
     assert not _reader_threads(), _reader_threads()

@@ -765,7 +765,7 @@ def test_where_it_fails_outputs_recompute_from_val_predictions(reference):
     for name in ("calibration.png", "top_losses.png"):
         data = (models / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
-    assert re.search(r"temperature scaling: T=\d+\.\d{4}, val log loss", reference["stdout"])
+    assert re.search(r"temperature scaling on validation logits: T=\d+\.\d{4}, log loss", reference["stdout"])
 
 
 def test_hosting_returns_the_training_runs_calibrated_probabilities(reference, demo_data, demo_pickles):

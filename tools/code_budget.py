@@ -5,7 +5,7 @@
 
 Budgets (docs/architecture.md): scripts ~200 (preprocess.py) and ~300 (dss_train.py) lines,
 library modules ~400 lines, functions ~60 lines (the visible epoch loop in dss_train.py's
-``train`` aside), parameter lists ~8 (``self``/``cls`` not counted).
+``train_member`` aside), parameter lists ~8 (``self``/``cls`` not counted).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ MODULE_LINES = {"preprocess.py": 200, "dss_train.py": 300}
 DEFAULT_MODULE_LINES = 400
 FUNCTION_LINES = 60
 # The training script's epoch loop is written out on purpose (a recipe, as torchvision's reference).
-FUNCTION_EXCEPTIONS = {("dss_train.py", "train"): 120}
+FUNCTION_EXCEPTIONS = {("dss_train.py", "train_member"): 120}
 PARAMETERS = 8
 # Tolerance of the "~" in the budgets: a file or function this much over is still within budget.
 SLACK = 1.05
