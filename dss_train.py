@@ -108,7 +108,8 @@ def train_member(settings: training.Settings, context: distributed.Context, data
     scheduler = engine.build_scheduler(optimizer, schedule.total_steps, schedule.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = training.make_ema(network, settings.ema_decay)  # --ema-decay: evaluated, kept and saved when on
-    state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator, ema)
+    state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator, ema,
+                                     best_by=training.BEST_EPOCH_FIELDS[settings.best_epoch_by])
     checkpoints = training.run_checkpoints(settings, data, context, fold)
     resumed_from = checkpoints.resume(state)
     tracker = run.join(state, data, schedule, resumed_from, folds)
@@ -158,13 +159,14 @@ def train_member(settings: training.Settings, context: distributed.Context, data
             tracker.log_epochs(*crossval.tracked_epochs(state.history, fold, outputs.EPOCH_FIELDS[1:]))
             if settings.patience and state.epochs_without_improvement >= settings.patience:
                 state.early_stopped = True
-                log.info(f"{fold_prefix}early stopping: no better val_logloss for {settings.patience} epochs "
+                log.info(f"{fold_prefix}early stopping: no better {state.best_by} for {settings.patience} epochs "
                          f"(best: epoch {state.best['epoch']})")
             checkpoints.save(state)
 
     if state.best is None:
         raise training.TrainingError("no epoch finished, nothing to save")
     train_model.eval()
+    data.release(train_images, val_images)  # streamed views stop reading; the next fold places its own
     return finishing.close_member(state, fold, eval_model, inference, data)
 
 

@@ -7,7 +7,7 @@
 # Needs only python3 with torch, torchvision, numpy, pillow, tqdm (no internet, no matplotlib, no boto3).
 # Rows: bf16 autocast and fp16 + GradScaler, channels_last on/off, torch.compile off/on; for each,
 # (a) our loop vs (b) the model-only limit; (c) the naive PIL/DataLoader pipeline; batched vs
-# one-at-a-time inference. Writes bench/results/gpu-<date>.md (not for --tiny), and $OUT/gpu-bench.md
+# one-at-a-time inference; (a) vs (b) per --arch; dss_train.py end to end (also --folds 5). Writes bench/results/gpu-<date>.md (not for --tiny), and $OUT/gpu-bench.md
 # when OUT is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,11 +18,13 @@ if [[ "${1:-}" == "--tiny" ]]; then
     naive=(--batch-size 16 --num-images 64 --naive-workers 2 --naive-steps 2)
     compile_runs=()
     e2e=(--train 64 --test 16 --image-size 32); e2e_train=(--epochs 2 --batch-size 16)
+    archs=(convnext_tiny)
 else
     common=(--image-size 224 --batch-size 256 --num-images 9866 --single-predictions 200 --predict-batch-size 1024)
     naive=(--batch-size 32 --num-images 2048 --naive-workers 8 --naive-steps 40)
     compile_runs=("--precision bf16 --channels-last true --compile true")
     e2e=(--train 9866 --test 4000 --image-size 224); e2e_train=(--epochs 3 --batch-size 256)
+    archs=(resnet50 convnext_tiny efficientnet_v2_s)
 fi
 
 report=$(mktemp)
@@ -60,6 +62,11 @@ for extra in "${compile_runs[@]}"; do
     run "bf16, channels_last, torch.compile (includes no compile time)" "${common[@]}" $extra --skip c,predict
 done
 run "naive per-sample PIL pipeline (prototype), fp32" "${naive[@]}" --skip a,b,predict
+# Throughput per backbone (--arch), bf16 + channels_last, eager: (a) ours vs (b) the model-only limit.
+for arch in "${archs[@]}"; do
+    run "--arch $arch, bf16 autocast, channels_last, eager" "${common[@]}" --arch "$arch" --precision auto \
+        --channels-last true --skip c,predict
+done
 
 # End to end: dss_train.py itself on the team's workload size (synthetic pickles, no JPEG decode),
 # eager then compiled, then --predict-only with flip TTA. Epoch lines include images/s.
@@ -84,6 +91,8 @@ train_e2e() {   # train_e2e <label> <dss_train.py args...>
 "$PYTHON" bench/synthetic_pickles.py "$e2e_dir/data" "${e2e[@]}" >&2
 train_e2e "dss_train.py end to end, eager (bf16 + channels_last on GPU)" --model-dir "$e2e_dir/eager" "${e2e_train[@]}"
 train_e2e "dss_train.py end to end, --compile true" --model-dir "$e2e_dir/compiled" --compile true "${e2e_train[@]}"
+train_e2e "dss_train.py end to end, --folds 5 (five site-fold members, one job)" --model-dir "$e2e_dir/folds" \
+    --folds 5 "${e2e_train[@]}"
 train_e2e "dss_train.py --predict-only --tta true" --model-dir "$e2e_dir/eager" --output-dir "$e2e_dir/predict" \
     --predict-only --tta true
 "$PYTHON" - "$e2e_dir/predict/test_predictions.csv" >&2 <<'PY'

@@ -11,14 +11,17 @@ labels (``test_labels.csv``): log loss and accuracy recomputed from the row's ``
 never from the row's own validation data (that column is there for comparison only).
 
 Rows (the dss_train.py rows are real subprocesses; each row's flags are listed in the output):
-  defaults     today's defaults: --temperature-scaling false --ema-decay 0 --tta false --folds 1
+  defaults     the defaults before issue 11: --temperature-scaling false --best-epoch-by logloss --ema-decay 0
+               --tta false --folds 1
   temperature  + temperature scaling
+  select       + the best epoch chosen by its log loss after temperature scaling
   tta          + flip TTA (temperature fitted after TTA)
   ema          + EMA of weights (--ema-decay, default 0.999)
   k5           K-fold site-grouped ensemble (--folds, default 5) with the pieces in --ensemble-with
   prototype    the prototype's recipe: random 75/25 split, best epoch by accuracy, Adam lr 1e-3, flips
                only, plain cross-entropy, batch 32 (bench/train.py's emulation, run in a subprocess)
   prior        no model: every test image gets the training class shares (the floor to beat)
+  --try        rows of your own: 'NAME: --flag value ...' on top of the defaults row's flags
 A row needing a flag that ``dss_train.py --help`` does not list is reported as not available; a flag
 that only turns a feature off is left out when dss_train.py does not have it (absent = off).
 
@@ -58,9 +61,10 @@ DATASETS = ("demo", "demo-strong", "fashion-mnist", "elpv")
 DATASET_SIZES = {"demo": (1500, 500), "demo-strong": (1500, 500), "fashion-mnist": (3000, 1000),
                  "elpv": (3000, 1000)}
 DEMO_SCALE = 0.25
-OFF_FLAGS = {"--temperature-scaling": "false", "--ema-decay": "0", "--tta": "false", "--folds": "1"}
-PIECES = ("temperature", "tta", "ema")
-ROW_NAMES = ("defaults", "temperature", "tta", "ema", "k5", "prototype", "prior")
+OFF_FLAGS = {"--temperature-scaling": "false", "--best-epoch-by": "logloss", "--ema-decay": "0", "--tta": "false",
+             "--folds": "1"}
+PIECES = ("temperature", "select", "tta", "ema")
+ROW_NAMES = ("defaults", "temperature", "select", "tta", "ema", "k5", "prototype", "prior")
 QUICK = {"datasets": "demo", "sizes": "32", "train": 100, "test": 40, "epochs": 1}
 DEFAULTS = {"datasets": ",".join(DATASETS), "sizes": "32,64", "train": None, "test": None, "epochs": 6}
 
@@ -80,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--datasets", help=f"comma-separated, of {', '.join(DATASETS)} [default: all]")
     parser.add_argument("--sizes", help="stored image sizes in px, comma-separated [default: 32,64]")
     parser.add_argument("--rows", default=",".join(ROW_NAMES), help="comma-separated rows [default: all]")
+    parser.add_argument("--try", dest="tries", action="append", default=[], metavar="'NAME: FLAGS'",
+                        help="one more row: dss_train.py with the default row's flags and FLAGS, e.g. "
+                             "'crops 0.8: --crop-scale 0.8' (repeatable)")
     parser.add_argument("--epochs", type=int, help="epochs of every row [default: 6]")
     parser.add_argument("--train", type=int, help="train images per data set [default: demo 1,500, real 3,000]")
     parser.add_argument("--test", type=int, help="test images per data set [default: demo 500, real 1,000]")
@@ -112,6 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.row_list:
         if name not in ROW_NAMES:
             parser.error(f"--rows: unknown {name!r}; choose from {', '.join(ROW_NAMES)}")
+    args.try_rows = []
+    for text in args.tries:
+        name, _, flags = text.partition(":")
+        words = shlex.split(flags)
+        if not name.strip() or not words or any(not word.startswith("--") for word in words[::2]) or len(words) % 2:
+            parser.error(f"--try: expected 'NAME: --flag value ...', got {text!r}")
+        args.try_rows.append((name.strip(), dict(zip(words[::2], words[1::2]))))
     return args
 
 
@@ -119,24 +133,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_rows(args) -> list[Row]:
     """The rows asked for, each with the dss_train.py flags it needs (cumulative: each adds a piece)."""
     temperature = {"--temperature-scaling": "true"}
-    tta = {**temperature, "--tta": "true"}
+    select = {**temperature, "--best-epoch-by": "calibrated-logloss"}
+    tta = {**select, "--tta": "true"}
     ema = {**tta, "--ema-decay": args.ema_decay}
-    pieces = {"temperature": temperature, "tta": {"--tta": "true"}, "ema": {"--ema-decay": args.ema_decay}}
+    pieces = {"temperature": temperature, "select": {"--best-epoch-by": "calibrated-logloss"},
+              "tta": {"--tta": "true"}, "ema": {"--ema-decay": args.ema_decay}}
     chosen = [piece for piece in args.ensemble_with.split(",") if piece and piece != "none"]
     ensemble = {"--folds": str(args.folds)}
     for piece in chosen:
         ensemble.update(pieces[piece])
     with_text = " + ".join(chosen) if chosen else "no other piece"
     every = {
-        "defaults": Row("defaults", "today's defaults", {}),
+        "defaults": Row("defaults", "the defaults before issue 11", {}),
         "temperature": Row("temperature", "+ temperature scaling", temperature),
+        "select": Row("select", "+ best epoch by calibrated log loss", select),
         "tta": Row("tta", "+ flip TTA", tta),
         "ema": Row("ema", f"+ EMA {args.ema_decay}", ema),
         "k5": Row("k5", f"K={args.folds} site-fold ensemble ({with_text})", ensemble),
         "prototype": Row("prototype", "prototype recipe (random split, best by accuracy)", None),
         "prior": Row("prior", "class prior, no model", None),
     }
-    return [every[name] for name in args.row_list]
+    tried = [Row(f"try-{index}", name, flags) for index, (name, flags) in enumerate(args.try_rows, start=1)]
+    return [every[name] for name in args.row_list] + tried
 
 
 def train_flags(script_help: str) -> set[str]:

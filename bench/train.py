@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from dss import engine, fileio  # noqa: E402
 from dss.cli import str2bool  # noqa: E402
 from dss.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform  # noqa: E402
-from dss.model import build_model  # noqa: E402
+from dss.model import ARCHITECTURES, build_model  # noqa: E402
 
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}
 
@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto: bf16 on GPUs with native bf16, fp16 + GradScaler on older GPUs, fp32 on CPU")
     parser.add_argument("--channels-last", type=str2bool, default=True)
     parser.add_argument("--compile", type=str2bool, default=False, help="torch.compile the model (rows a, b)")
+    parser.add_argument("--arch", default="resnet18", choices=ARCHITECTURES,
+                        help="network of rows (a), (b) and the prediction rows")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--naive-workers", type=int, default=0, help="DataLoader workers for row (c)")
     parser.add_argument("--naive-steps", type=int, default=0, help="timed steps for row (c) (default: --steps)")
@@ -118,7 +120,7 @@ def synthetic_images(count: int, size: int, seed: int) -> tuple[np.ndarray, np.n
 def train_loop(args, device, amp_dtype, use_scaler, total_steps: int) -> engine.TrainLoop:
     """Model, optimizer, scheduler, scaler, loss and augmentation built the same way for rows (a) and (b)."""
     torch.manual_seed(args.seed)
-    model = build_model(8, "none").to(device)
+    model = build_model(8, "none", args.arch).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = engine.build_optimizer(model, "adamw", 1e-3, 0.05)
@@ -184,7 +186,7 @@ class _PilDataset(torch.utils.data.Dataset):
 def measure_naive(images, labels, args, device, steps: int) -> float:
     """Row (c): per-sample PIL transforms in a DataLoader, fp32, contiguous, loss.item() per step."""
     torch.manual_seed(args.seed)
-    model = build_model(8, "none").to(device)
+    model = build_model(8, "none", args.arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     count = min(len(images), args.batch_size * (steps + 1))
@@ -211,7 +213,7 @@ def measure_naive(images, labels, args, device, steps: int) -> float:
 def measure_predict(images, args, device, amp_dtype) -> tuple[float, float]:
     """(batched images/s via engine.predict_probs, one-image-at-a-time images/s)."""
     torch.manual_seed(args.seed)
-    model = build_model(8, "none").to(device)
+    model = build_model(8, "none", args.arch).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stored = DeviceImages(images, device)
@@ -242,7 +244,7 @@ def speed_rows(args, device) -> list[tuple[str, str]]:
     images, labels = synthetic_images(num_images, args.image_size, args.seed)
     steps = max(num_images // args.batch_size, 1)
     skip = set(filter(None, args.skip.split(",")))
-    setting = (f"{args.image_size} px, batch {args.batch_size}, {precision_name(amp_dtype, use_scaler)}, "
+    setting = (f"{args.arch}, {args.image_size} px, batch {args.batch_size}, {precision_name(amp_dtype, use_scaler)}, "
                f"channels_last={args.channels_last}, compile={args.compile}")
     rows, rates = [], {}
     if "a" not in skip:

@@ -114,6 +114,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return temperature if nll(logits, labels, temperature) <= nll(logits, labels, 1.0) else 1.0
 
 
+def calibrated_log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The log loss (``metrics.log_loss``) of softmax(logits / T) at the temperature fitted on
+    these same rows: what temperature scaling would make of these predictions."""
+    return metrics.log_loss(apply_temperature(logits, fit_temperature(logits, labels)), labels)
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, num_bins: int = DEFAULT_BINS) -> dict:
     """Reliability-diagram data over equal-width bins of the top-class confidence, bin i holding
     confidences in (i/num_bins, (i+1)/num_bins]: arrays ``lower``, ``upper``, ``count`` (int64),

@@ -251,9 +251,9 @@ class TrainingState:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                 generator: torch.Generator, ema=None):
+                 generator: torch.Generator, ema=None, best_by: str = "val_logloss"):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.generator, self.ema = generator, ema
+        self.generator, self.ema, self.best_by = generator, ema, best_by
         self.history: list[dict] = []
         self.best: dict | None = None
         self.best_model: dict | None = None
@@ -337,12 +337,14 @@ class TrainingState:
         return stats
 
     def record_epoch(self, record: dict, val_probs: np.ndarray, confusion: np.ndarray) -> bool:
-        """Append the epoch's ``record`` to the history; keep it as the best when its val_logloss is
-        lower than every earlier epoch's. Returns whether it is the new best."""
+        """Append the epoch's ``record`` to the history; keep it as the best when its ``best_by``
+        field (val_logloss, or val_logloss_calibrated) is lower than every earlier epoch's. Returns
+        whether it is the new best."""
         self.history.append(record)
-        improved = self.best is None or record["val_logloss"] < self.best["val_logloss"]
+        improved = self.best is None or record[self.best_by] < self.best[self.best_by]
         if improved:
-            self.best = {key: record[key] for key in ("epoch", "val_loss", "val_logloss", "val_acc", "per_class")}
+            kept = ("epoch", "val_loss", "val_logloss", "val_logloss_calibrated", "val_acc", "per_class")
+            self.best = {key: record[key] for key in kept if key in record}
             self.best["confusion_matrix"] = np.asarray(confusion).tolist()
             self.best_model = {name: tensor.detach().to("cpu", copy=True)
                                for name, tensor in self.evaluated(self.model).state_dict().items()}

@@ -348,7 +348,8 @@ def predict_ensemble_probs(networks: list[nn.Module], images: DeviceImages, how:
 def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn: Callable, how: Inference) -> dict:
     """Validation numbers: ``val_loss`` (``loss_fn``, the training objective, on the predicted
     log-probabilities), ``val_logloss`` (plain clipped multiclass log loss: the competition
-    metric), ``val_acc``, ``probs`` float64 (N, C) and ``logits`` float64 (N, C) (as
+    metric), ``val_logloss_calibrated`` (the log loss after a temperature fitted on these rows),
+    ``val_acc``, ``probs`` float64 (N, C) and ``logits`` float64 (N, C) (as
     ``predict_logits``: softmax(logits) == probs, for fitting a temperature). Under DDP every rank
     returns the same numbers for all N images."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -365,6 +366,7 @@ def evaluate(model: nn.Module, images: DeviceImages, labels: np.ndarray, loss_fn
     return {
         "val_loss": val_loss,
         "val_logloss": metrics.log_loss(probs, labels),
+        "val_logloss_calibrated": calibration.calibrated_log_loss(host_log_probs, labels),
         "val_acc": metrics.accuracy(probs, labels),
         "probs": probs,
         "logits": host_log_probs,

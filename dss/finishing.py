@@ -53,6 +53,7 @@ def top_loss_images(data: TrainingData, val_index: np.ndarray, val_probs: np.nda
     ascending = np.argsort(rows)  # streamed splits read rows in file order
     shown = data.place(data.train["images"], rows[ascending])  # only these k images
     batch = shown.gather(torch.as_tensor(np.argsort(ascending), dtype=torch.long))  # uint8 (k, 3, H, W), in order
+    data.release(shown)
     return order, batch.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -64,7 +65,9 @@ def close_member(state: TrainingState, fold: crossval.Fold, eval_model: torch.nn
     eval_model.eval()
     test_logits, tick = None, time.monotonic()
     if data.test is not None:
-        test_logits = engine.predict_logits(eval_model, data.place(data.test["images"]), inference)
+        test_images = data.place(data.test["images"])
+        test_logits = engine.predict_logits(eval_model, test_images, inference)
+        data.release(test_images)
     return crossval.Member(fold, state.history, state.best, state.best_model, state.best_val_probs, test_logits,
                            time.monotonic() - tick)
 

@@ -37,7 +37,10 @@ SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 # continue this run (with the validation split's ``split_by``, they are the checkpoint
 # fingerprint's settings), and model.pth records them as its hyperparameters.
 RECIPE = ("epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
-          "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction")
+          "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by")
+# --best-epoch-by: the epoch record's field that chooses the best epoch (lowest wins).
+BEST_EPOCH_FIELDS = {"logloss": "val_logloss", "calibrated-logloss": "val_logloss_calibrated"}
+BEST_EPOCH_CHOICES = tuple(BEST_EPOCH_FIELDS)
 
 
 class TrainingError(RuntimeError):
@@ -97,6 +100,7 @@ class Settings:
     ema_decay: float
     class_weights: str
     patience: int
+    best_epoch_by: str
     arch: str
     weights: str
     image_size: int | None
@@ -334,13 +338,15 @@ def make_loss(labels: np.ndarray, num_classes: int, class_weights: str, label_sm
 
 # --------------------------------------------------------------------------- per-epoch records
 def epoch_record(epoch: int, train_stats: dict, eval_stats: dict, lr: float, epoch_seconds: float) -> dict:
-    """One row of metrics.csv (``outputs.EPOCH_FIELDS``, in that order)."""
+    """One row of metrics.csv (``outputs.EPOCH_FIELDS``, in that order), and
+    ``val_logloss_calibrated`` (metrics.json only; what --best-epoch-by calibrated-logloss compares)."""
     return {
         "epoch": epoch,
         "train_loss": float(train_stats["train_loss"]),
         "train_acc": float(train_stats["train_acc"]),
         "val_loss": float(eval_stats["val_loss"]),
         "val_logloss": float(eval_stats["val_logloss"]),
+        "val_logloss_calibrated": float(eval_stats["val_logloss_calibrated"]),
         "val_acc": float(eval_stats["val_acc"]),
         "lr": float(lr),
         "epoch_seconds": float(epoch_seconds),
@@ -353,7 +359,8 @@ def epoch_lines(record: dict, epochs: int, improved: bool, fold: str = "") -> li
     the per-class F1 scores and the [METRICS] line."""
     summary = (f"{fold}epoch {record['epoch']}/{epochs}: train_loss {record['train_loss']:.4f} "
                f"acc {record['train_acc']:.4f} | val_loss {record['val_loss']:.4f} "
-               f"logloss {record['val_logloss']:.4f} acc {record['val_acc']:.4f} | lr {record['lr']:.2e} | "
+               f"logloss {record['val_logloss']:.4f} (calibrated {record['val_logloss_calibrated']:.4f}) "
+               f"acc {record['val_acc']:.4f} | lr {record['lr']:.2e} | "
                f"{record['epoch_seconds']:.1f} s, {record['train_images_per_s']:.0f} img/s"
                + (" | best" if improved else ""))
     per_class = "per-class F1: " + ", ".join(f"{entry['class']} {entry['f1']:.2f}" for entry in record["per_class"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from dss import backbones, cli, engine, split, streaming, tracking
+from dss import backbones, cli, engine, split, streaming, tracking, training
 
 
 def add_path_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                        help="'balanced' weights the loss by inverse class frequency")
     train.add_argument("--patience", type=cli.non_negative_int, default=0,
-                       help="stop after this many epochs without a better val_logloss (0 = never)")
+                       help="stop after this many epochs without a better best epoch (0 = never)")
+    train.add_argument("--best-epoch-by", choices=training.BEST_EPOCH_CHOICES, default="logloss",
+                       help="the epoch kept: lowest validation log loss ('logloss'), or lowest log loss after "
+                            "a temperature fitted on that epoch's validation logits ('calibrated-logloss': the "
+                            "predictions temperature scaling delivers)")
     train.add_argument("--arch", choices=backbones.ARCHITECTURES, default=backbones.DEFAULT_ARCH,
                        help="network: a torchvision model with its own ImageNet weights, normalisation, new head")
     train.add_argument("--weights", default="imagenet",

@@ -187,6 +187,14 @@ class TrainingData:
         chosen = images if index is None else images[index]
         return loader.DeviceImages(chosen, self.device, resident=False if self.memory_mode == "host" else None)
 
+    def release(self, *views) -> None:
+        """Stop the reader threads of these placed views now (a K-fold run's member is done with
+        its views; the run goes on). Views that are not streamed have nothing to stop."""
+        for view in views:
+            if any(view is placed for placed in self._placed):
+                view.close()
+                self._placed[:] = [placed for placed in self._placed if placed is not view]
+
     def close(self) -> None:
         """Stop the reader thread of every streamed view placed."""
         for view in self._placed:

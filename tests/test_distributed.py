@@ -90,6 +90,31 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run, demo_pick
     np.testing.assert_allclose(saved[artifact["class_names"]].to_numpy(), calibrated, atol=1e-5)
 
 
+def test_a_kfold_run_under_ddp_scores_every_image_out_of_fold_and_predicts_with_the_ensemble(demo_pickles, tmp_path):
+    """--folds under torchrun: the ranks train the K members together; rank 0 writes one set of
+    outputs whose out-of-fold numbers a single-process evaluation of the members reproduces."""
+    command = torchrun_command(demo_pickles, tmp_path / "k2", tmp_path / "ckpt2") + ["--folds", "2", "--epochs", "1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    models = tmp_path / "k2"
+    assert len([line for line in result.stdout.splitlines() if line.startswith("[METRICS] cv_logloss=")]) == 1
+    networks, artifact = model_lib.load_ensemble(models / "model.pth")
+    assert len(networks) == 2
+    train = dataset.load_split(demo_pickles, "train")
+    oof = pd.read_csv(models / "oof_predictions.csv", dtype={"id": str})
+    position = {image_id: i for i, image_id in enumerate(train["ids"])}
+    torch.set_num_threads(1)
+    how = engine.Inference(256, artifact["preprocessing"]["image_size"])
+    temperature = artifact["hyperparameters"]["temperature"]
+    for fold, network in enumerate(networks, start=1):
+        rows = oof[oof["fold"] == fold]
+        index = np.array([position[image_id] for image_id in rows["id"]])
+        logits = engine.predict_logits(network, DeviceImages(train["images"][index], torch.device("cpu")), how)
+        np.testing.assert_allclose(rows[artifact["class_names"]].to_numpy(),
+                                   calibration.apply_temperature(logits, temperature), atol=1e-5)
+
+
 def _worker_pids(launcher_pid: int) -> list[int]:
     """Processes whose parent is the torchrun launcher and that run dss_train.py."""
     workers = []

@@ -86,7 +86,7 @@ def test_header_names_machine_date_command_and_every_rows_flags(quick_run):
     assert re.search(r"^date: \d{4}-\d\d-\d\dT", table, re.M)
     assert re.search(r"^machine: .+torch ", table, re.M)
     assert "command: `python bench/recipe.py --quick --rows defaults,temperature,prototype,prior" in table
-    assert "- today's defaults: dss_train.py" in table and "--tta false" in table
+    assert "- the defaults before issue 11: dss_train.py" in table and "--tta false" in table
     assert results["command"][:3] == ["--quick", "--rows", ROWS]
 
 
@@ -98,9 +98,9 @@ def test_rows_need_their_flags_and_leave_out_missing_off_flags(tmp_path):
     assert why == "" and command[command.index("--tta") + 1] == "false"
     assert "--folds" not in command and "--temperature-scaling" not in command  # absent = off
     command, why = recipe.row_command(rows["tta"], tmp_path, tmp_path, args, today)
-    assert command is None and why == "not available: dss_train.py has no --temperature-scaling"
+    assert command is None and why == "not available: dss_train.py has no --best-epoch-by, --temperature-scaling"
 
-    later = today | {"--temperature-scaling", "--ema-decay", "--folds"}
+    later = today | {"--temperature-scaling", "--best-epoch-by", "--ema-decay", "--folds"}
     command, _ = recipe.row_command(rows["defaults"], tmp_path, tmp_path, args, later)
     assert [command[command.index(flag) + 1] for flag in ("--temperature-scaling", "--ema-decay", "--folds")] == [
         "false", "0", "1"]
@@ -110,6 +110,22 @@ def test_rows_need_their_flags_and_leave_out_missing_off_flags(tmp_path):
     assert "--ema-decay 0.999" in text
     assert recipe.train_flags("  --tta TTA  --ema-decay D\n  --data-in-memory {a,b}") == {
         "--tta", "--ema-decay", "--data-in-memory"}
+
+
+def test_try_rows_add_their_flags_to_the_defaults_row(tmp_path):
+    args = recipe.parse_args(["--quick", "--rows", "defaults", "--try", "small lr: --learning-rate 0.0003",
+                              "--try", "ls: --label-smoothing 0.1 --tta true"])
+    rows = recipe.make_rows(args)
+    assert [(row.key, row.title) for row in rows] == [("defaults", "the defaults before issue 11"),
+                                                      ("try-1", "small lr"), ("try-2", "ls")]
+    available = {"--learning-rate", "--label-smoothing", "--tta", "--folds"}
+    command, _ = recipe.row_command(rows[2], tmp_path, tmp_path, args, available)
+    text = " ".join(command)
+    assert "--label-smoothing 0.1" in text and "--tta true" in text and "--folds 1" in text
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--try", "no flags"])
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--try", "odd: --learning-rate"])
 
 
 def test_scoring_matches_ids_and_classes_by_name(tmp_path):

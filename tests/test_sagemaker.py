@@ -169,3 +169,19 @@ def test_paths_flags_win_over_sm_variables_which_win_over_local_defaults(tmp_pat
 def test_underscore_hyperparameter_names_are_rejected(name):
     with pytest.raises(SystemExit):
         dss_train.parse_args([f"--{name}", "1"])
+
+
+def test_a_kfold_training_job_trains_every_fold_in_one_job(demo_pickles, tmp_path):
+    """hyperparameters {"folds": 2}: one job trains both members (checkpoints per fold under the
+    job's checkpoint dir), writes the out-of-fold predictions, and reports cv_logloss once."""
+    checkpoints = tmp_path / "checkpoints"
+    hyperparameters = {"epochs": 1, "batch-size": 16, "weights": "none", "num-threads": 1, "folds": 2}
+    base = _job_tree(tmp_path, demo_pickles, hyperparameters)
+    result = _run_toolkit(base, checkpoints)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert list((checkpoints / "fold-1").glob("ckpt-*.pt")) and list((checkpoints / "fold-2").glob("ckpt-*.pt"))
+    assert (base / "output" / "data" / "oof_predictions.csv").is_file()
+    cv = json.loads((base / "output" / "data" / "metrics.json").read_text())["cv"]
+    objective = re.findall(r"\[METRICS\] cv_logloss=([0-9.]+)", output)
+    assert len(objective) == 1 and float(objective[0]) == pytest.approx(cv["logloss"], abs=1e-4)

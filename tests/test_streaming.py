@@ -100,7 +100,8 @@ def _reader_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name.startswith("shard-reader")]
 
 
-def test_a_streamed_run_leaves_no_reader_thread(demo_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("folds, views_placed", [(1, 4), (2, 7)])
+def test_a_streamed_run_leaves_no_reader_thread(folds, views_placed, demo_shards, tmp_path, monkeypatch):
     """Each streamed view reads its next shard in a background thread; the run must stop them all
     when it ends, here in the process that called it (as a notebook or a sweep would). The test
     keeps every view alive, as a caller holding on to one or a reference cycle would: CPython's
@@ -118,9 +119,10 @@ def test_a_streamed_run_leaves_no_reader_thread(demo_shards, tmp_path, monkeypat
     try:
         code = dss_train.main(["--data-dir", str(demo_shards), "--model-dir", str(tmp_path / "models"),
                                "--epochs", "1", "--batch-size", "16", "--weights", "none", "--num-threads", "1",
-                               "--data-in-memory", "stream"])
+                               "--data-in-memory", "stream", "--folds", str(folds)])
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and (tmp_path / "models" / "model.pth").is_file()
-    assert len(views) == 4  # train, validation and test images, and the top-loss images shown
+    # Per member its train, validation and test images; then the top-loss images shown.
+    assert len(views) == views_placed
     assert not _reader_threads(), _reader_threads()

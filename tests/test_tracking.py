@@ -125,6 +125,23 @@ def test_a_training_run_appears_with_params_metrics_tags_and_artifacts(mlflow_se
             "confusion_matrix.png", "config.json", "model.pth"} <= artifacts, artifacts
 
 
+def test_a_kfold_run_is_one_mlflow_run_with_each_folds_epochs_and_the_cv_scores(mlflow_server, demo_pickles,
+                                                                               tmp_path):
+    models = tmp_path / "models"
+    result = _train(demo_pickles, models, mlflow_server, "--mlflow-experiment", "it-folds", "--folds", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = _runs(mlflow_server, "it-folds")
+    client = MlflowClient(mlflow_server)
+    metrics = json.loads((models / "metrics.json").read_text())
+    for fold in (1, 2):
+        history = client.get_metric_history(run.info.run_id, f"fold{fold}_val_logloss")
+        epochs = [e for e in metrics["epochs"] if e["fold"] == fold]
+        assert [point.step for point in history] == [1, 2]
+        assert [point.value for point in history] == pytest.approx([e["val_logloss"] for e in epochs])
+    assert run.data.metrics["cv_logloss"] == pytest.approx(metrics["cv"]["logloss"])
+    assert run.data.params["folds"] == "2"
+
+
 def test_without_mlflow_asked_for_nothing_is_tracked(mlflow_server, demo_pickles, tmp_path):
     result = _train(demo_pickles, tmp_path / "models", None, "--mlflow-experiment", "never", "--mlflow", "false")
     assert result.returncode == 0, result.stdout + result.stderr
