@@ -44,7 +44,7 @@ threads.limit_spin_wait()  # before torch loads its OpenMP runtime, which reads 
 import numpy as np
 import torch
 
-from dss import checkpoint, cli, dataset, distributed, engine, loader, metrics, outputs, sagemaker
+from dss import checkpoint, cli, dataset, distributed, engine, metrics, outputs, sagemaker
 from dss import model as model_lib
 from dss import crossval, finishing, predicting, stopping, tracking, training, training_args, training_data
 from dss.cli import log
@@ -118,7 +118,7 @@ def train_member(settings: training.Settings, context: distributed.Context, data
     loss_fn = training.make_loss(data.labels[data.train_index], data.num_classes, settings.class_weights,
                                  settings.label_smoothing, device)
     loop = engine.TrainLoop(train_model, optimizer, scheduler, scaler, loss_fn,
-                            loader.GpuAugment(data.input_size, normalisation=inference.normalisation), generator,
+                            training.augment(settings, data, inference.normalisation), generator,
                             settings.batch_size, amp_dtype, context.rank, context.world_size,
                             progress=sys.stderr.isatty(), ema=ema)
     train_images = data.place(data.train["images"], data.train_index)

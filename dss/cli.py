@@ -63,6 +63,14 @@ def fraction(value: str) -> float:
     return number
 
 
+def area_share(value: str) -> float:
+    """A share of an image's area: above 0, at most 1."""
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share of the image area in (0, 1], got {value!r}")
+    return number
+
+
 def decay(value: str) -> float:
     """An EMA decay: 0 (off) up to, not including, 1."""
     number = float(value)

@@ -37,7 +37,7 @@ SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 # continue this run (with the validation split's ``split_by``, they are the checkpoint
 # fingerprint's settings), and model.pth records them as its hyperparameters.
 RECIPE = ("epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
-          "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by")
+          "crop_scale", "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by")
 # --best-epoch-by: the epoch record's field that chooses the best epoch (lowest wins).
 BEST_EPOCH_FIELDS = {"logloss": "val_logloss", "calibrated-logloss": "val_logloss_calibrated"}
 BEST_EPOCH_CHOICES = tuple(BEST_EPOCH_FIELDS)
@@ -97,6 +97,7 @@ class Settings:
     weight_decay: float
     warmup_epochs: float
     label_smoothing: float
+    crop_scale: float
     ema_decay: float
     class_weights: str
     patience: int
@@ -301,6 +302,14 @@ def inference(settings: Settings, data: TrainingData, context: distributed.Conte
     amp_dtype, _ = engine.select_precision(context.device)
     return engine.Inference(settings.eval_batch_size, data.input_size, amp_dtype, settings.tta,
                             context.rank, context.world_size, normalisation(settings.arch))
+
+
+def augment(settings: Settings, data: TrainingData, norm: loader.Normalisation) -> loader.GpuAugment:
+    """The training augmentation: random resized crops of --crop-scale..1 of the area (none at 1),
+    flips, random grey, brightness and contrast, then ``norm``."""
+    no_crop = settings.crop_scale >= 1.0
+    return loader.GpuAugment(data.input_size, scale=(settings.crop_scale, 1.0),
+                             ratio=(1.0, 1.0) if no_crop else (3 / 4, 4 / 3), normalisation=norm)
 
 
 def to_device(network: torch.nn.Module, context: distributed.Context) -> torch.nn.Module:

@@ -40,6 +40,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-epochs", type=float, default=0.5,
                        help="epochs of linear learning-rate warm-up before the cosine decay (may be fractional)")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
+    train.add_argument("--crop-scale", type=cli.area_share, default=0.6,
+                       help="random resized crops of training images cover this share of the frame's area up to "
+                            "all of it (aspect 3/4..4/3); 1 = no crops, only flips and colour jitter")
     train.add_argument("--ema-decay", type=cli.decay, default=0.0,
                        help="average of the weights over steps, evaluated and saved instead of them (0.999; 0: off)")
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
