@@ -95,7 +95,9 @@ def predict_only(settings: training.Settings) -> None:
     for network in networks:
         network.to(device).eval()
     amp_dtype, _ = engine.select_precision(device)
-    inference = engine.Inference(settings.eval_batch_size, int(preprocessing["image_size"]), amp_dtype, settings.tta,
+    # The training run's TTA unless --tta says otherwise: its temperature was fitted with it.
+    tta = bool(artifact["hyperparameters"].get("tta", False)) if settings.tta is None else settings.tta
+    inference = engine.Inference(settings.eval_batch_size, int(preprocessing["image_size"]), amp_dtype, tta,
                                  normalisation=model_lib.artifact_normalisation(artifact))
     temperature = model_lib.artifact_temperature(artifact)  # the training run's, so its probabilities are ours
     probs = engine.predict_ensemble_probs(networks, loader.DeviceImages(test["images"], device), inference,
@@ -104,7 +106,7 @@ def predict_only(settings: training.Settings) -> None:
     with outputs.StagedFiles() as stage:
         paths = (stage.path(folder / outputs.TEST_PREDICTIONS), stage.path(folder / outputs.PREDICTIONS))
         summary = outputs.write_test_predictions(paths, settings.data_dir, test, probs, prior, class_names)
-        info = {**record, "tta": bool(settings.tta), "temperature": temperature, "members": len(networks), **summary}
+        info = {**record, "tta": tta, "temperature": temperature, "members": len(networks), **summary}
         fileio.write_json(stage.path(folder / INFO_FILENAME), info)
         stage.publish()
     log.info(f"predictions: {summary['num_images']} rows -> {folder / outputs.PREDICTIONS} "

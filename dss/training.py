@@ -113,7 +113,7 @@ class Settings:
     overwrite: bool
     device: str
     compile: bool
-    tta: bool
+    tta: bool | None  # None only with --predict-only: the model's own
     temperature_scaling: bool
     data_in_memory: str
     eval_batch_size: int
@@ -125,16 +125,19 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         """Paths: a flag wins; then SageMaker's SM_* variables; then the local defaults (the output
-        dir of --predict-only: a folder per data dir under the model dir, never the model dir)."""
+        dir of --predict-only: a folder per data dir under the model dir, never the model dir).
+        --tta: true when training unless given; None with --predict-only (the model's own)."""
         model_dir = args.model_dir or sagemaker.model_dir() or "./models"
         data_dir = args.data_dir or sagemaker.training_channel() or "./output"
         sagemaker_output = sagemaker.output_data_dir() if sagemaker.under_sagemaker() else None
         local_output = outputs.predictions_dir(model_dir, data_dir) if args.predict_only else model_dir
         checkpoint_dir = sagemaker.expand_job_name(args.checkpoint_dir or sagemaker.checkpoint_dir() or "")
-        paths = {"data_dir": Path(data_dir), "model_dir": Path(model_dir),
-                 "output_dir": Path(args.output_dir or sagemaker_output or local_output),
-                 "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
-        return cls(**{**vars(args), **paths})
+        # --tta: on by default when training; predict-only follows the model unless told otherwise.
+        tta = args.tta if args.tta is not None or args.predict_only else True
+        resolved = {"tta": tta, "data_dir": Path(data_dir), "model_dir": Path(model_dir),
+                    "output_dir": Path(args.output_dir or sagemaker_output or local_output),
+                    "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
+        return cls(**{**vars(args), **resolved})
 
     def tracking(self) -> tracking.TrackingSettings:
         """MLflow tracking as asked for by the flags and MLFLOW_TRACKING_URI; raises

@@ -26,7 +26,8 @@ def add_path_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--keep-checkpoints", type=cli.positive_int, default=1,
                        help="checkpoints kept in --checkpoint-dir: the newest N, plus the one being written until it "
                             "is complete. Each holds the weights, the best epoch's weights and the optimizer state: "
-                            "about 179 MB for ResNet18 with adamw (134 MB with sgd; 45 MB more with --ema-decay)")
+                            "about 224 MB for ResNet18 with adamw and the EMA (179 MB with --ema-decay 0, 45 MB less "
+                            "with sgd)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,16 +41,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-epochs", type=float, default=0.5,
                        help="epochs of linear learning-rate warm-up before the cosine decay (may be fractional)")
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
-    train.add_argument("--crop-scale", type=cli.area_share, default=0.6,
+    train.add_argument("--crop-scale", type=cli.area_share, default=1.0,
                        help="random resized crops of training images cover this share of the frame's area up to "
                             "all of it (aspect 3/4..4/3); 1 = no crops, only flips and colour jitter")
-    train.add_argument("--ema-decay", type=cli.decay, default=0.0,
-                       help="average of the weights over steps, evaluated and saved instead of them (0.999; 0: off)")
+    train.add_argument("--ema-decay", type=cli.decay, default=0.999,
+                       help="average of the weights over steps, evaluated and saved instead of them (0: off)")
     train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
                        help="'balanced' weights the loss by inverse class frequency")
     train.add_argument("--patience", type=cli.non_negative_int, default=0,
                        help="stop after this many epochs without a better best epoch (0 = never)")
-    train.add_argument("--best-epoch-by", choices=training.BEST_EPOCH_CHOICES, default="logloss",
+    train.add_argument("--best-epoch-by", choices=training.BEST_EPOCH_CHOICES, default="calibrated-logloss",
                        help="the epoch kept: lowest validation log loss ('logloss'), or lowest log loss after "
                             "a temperature fitted on that epoch's validation logits ('calibrated-logloss': the "
                             "predictions temperature scaling delivers)")
@@ -86,8 +87,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                      help="'auto' uses the GPU when there is one")
     run.add_argument("--compile", type=cli.str2bool, default=False,
                      help="torch.compile the model (true/false; ~20 s compile, faster epochs on GPU)")
-    run.add_argument("--tta", type=cli.str2bool, default=False,
-                     help="average predictions over the image and its horizontal flip (true/false)")
+    run.add_argument("--tta", type=cli.str2bool, default=None, metavar="{true,false}",
+                     help="average predictions over the image and its horizontal flip [default: true when training; "
+                          "with --predict-only, as the model was trained]")
     run.add_argument("--temperature-scaling", type=cli.str2bool, default=True,
                      help="fit a temperature on the best epoch's validation logits (after TTA); applied to val/test "
                           "probabilities, stored in model.pth (true/false)")

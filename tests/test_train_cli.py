@@ -662,7 +662,7 @@ def test_a_second_ctrl_c_stops_at_once(demo_pickles, tmp_path):
 
 # --------------------------------------------------------------------------- checkpoints kept, threads (issue 10)
 def test_keep_checkpoints_and_the_default_thread_count(demo_pickles, tmp_path):
-    """--keep-checkpoints N keeps the newest N; each is ~179 MB (as --help says); without --num-threads
+    """--keep-checkpoints N keeps the newest N; each is ~224 MB with the default EMA (as --help says); without --num-threads
     the run uses the CPUs it may use and config.json records the count."""
     ckpt, models = tmp_path / "ckpt", tmp_path / "models"
     result = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", models, "--checkpoint-dir", ckpt,
@@ -671,8 +671,8 @@ def test_keep_checkpoints_and_the_default_thread_count(demo_pickles, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     kept = sorted(ckpt.glob("ckpt-*.pt"))
     assert [path.name[:11] for path in kept] == ["ckpt-e00002", "ckpt-e00003"]
-    assert all(170e6 < path.stat().st_size < 190e6 for path in kept), [path.stat().st_size for path in kept]
-    assert "about 179 MB for ResNet18 with adamw" in " ".join(dss_train.build_parser().format_help().split())
+    assert all(214e6 < path.stat().st_size < 234e6 for path in kept), [path.stat().st_size for path in kept]
+    assert "about 224 MB for ResNet18 with adamw and the EMA" in " ".join(dss_train.build_parser().format_help().split())
     count = json.loads((models / "config.json").read_text())["num_threads"]
     assert isinstance(count, int) and 1 <= count <= threads.allowed_cpus()
     assert f"CPU threads: {count} (the CPUs this process may use" in result.stdout
@@ -831,3 +831,47 @@ def test_ema_trains_resumes_exactly_and_saves_the_averaged_weights(demo_pickles,
         assert all(torch.equal(tensor, saved["ema"]["weights"][name]) for name, tensor in artifact["state_dict"].items())
     assert any(not torch.equal(saved["ema"]["weights"][name], saved["model"][name])
                for name in saved["model"] if saved["model"][name].is_floating_point())
+
+
+# --------------------------------------------------------------------------- augmentation and epoch choice
+@pytest.mark.parametrize("value", ["0", "-0.5", "1.5", "nan"])
+def test_crop_scale_outside_0_1_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as error:
+        dss_train.parse_args(["--crop-scale", value])
+    assert error.value.code == 2 and "share of the image area in (0, 1]" in capsys.readouterr().err
+
+
+def test_crop_scale_sets_the_random_crops_and_one_means_none():
+    data = training_data.TrainingData({"images": np.zeros((2, 40, 40, 3), np.uint8)}, None, "host",
+                                      torch.device("cpu"), 32, "site", np.zeros(2, bool), "sha")
+    norm = training.normalisation("resnet18")
+    cropped = training.augment(training.Settings.from_args(dss_train.parse_args(["--crop-scale", "0.8"])), data, norm)
+    assert cropped.scale == (0.8, 1.0) and cropped.log_ratio != (0.0, 0.0) and cropped.out_size == 32
+    whole = training.augment(training.Settings.from_args(dss_train.parse_args(["--crop-scale", "1"])), data, norm)
+    assert whole.scale == (1.0, 1.0) and whole.log_ratio == (0.0, 0.0)
+
+
+def test_best_epoch_by_calibrated_log_loss_keeps_the_sharper_later_epoch():
+    """Epoch 2 is over-confident (higher plain log loss) but ranks better: after a fitted temperature
+    its log loss is lower, so --best-epoch-by calibrated-logloss keeps it and logloss does not."""
+    from dss import checkpoint, metrics
+    from dss.calibration import calibrated_log_loss
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    soft = np.log(np.where(np.eye(2)[labels] == 1, 0.6, 0.4))          # right, timid
+    sharp = np.log(np.where(np.eye(2)[labels] == 1, 0.999, 0.001))
+    sharp[0] = np.log([0.001, 0.999])                                   # one confident mistake
+    records = []
+    for epoch, logits in ((1, soft), (2, sharp)):
+        probs = np.exp(logits)
+        records.append({"epoch": epoch, "val_loss": 0.0, "val_logloss": metrics.log_loss(probs, labels),
+                        "val_logloss_calibrated": calibrated_log_loss(logits, labels), "val_acc": 0.0,
+                        "per_class": []})
+    assert records[1]["val_logloss"] > records[0]["val_logloss"]
+    assert records[1]["val_logloss_calibrated"] < records[0]["val_logloss_calibrated"]
+    network = torch.nn.Linear(2, 2)
+    for best_by, kept in (("val_logloss", 1), ("val_logloss_calibrated", 2)):
+        state = checkpoint.TrainingState(network, None, None, None, None, best_by=best_by)
+        for record in records:
+            state.record_epoch(dict(record), np.full((8, 2), 0.5), np.eye(2))
+        assert state.best["epoch"] == kept
