@@ -12,11 +12,12 @@ never from the row's own validation data (that column is there for comparison on
 
 Rows (the dss_train.py rows are real subprocesses; each row's flags are listed in the output):
   defaults     the defaults before issue 11: --temperature-scaling false --best-epoch-by logloss --ema-decay 0
-               --tta false --folds 1
+               --tta false --crop-scale 0.6 --folds 1
   temperature  + temperature scaling
   select       + the best epoch chosen by its log loss after temperature scaling
   tta          + flip TTA (temperature fitted after TTA)
   ema          + EMA of weights (--ema-decay, default 0.999)
+  crop         + no random crops (--crop-scale 1): dss_train.py's defaults since issue 11
   k5           K-fold site-grouped ensemble (--folds, default 5) with the pieces in --ensemble-with
   prototype    the prototype's recipe: random 75/25 split, best epoch by accuracy, Adam lr 1e-3, flips
                only, plain cross-entropy, batch 32 (bench/train.py's emulation, run in a subprocess)
@@ -61,10 +62,11 @@ DATASETS = ("demo", "demo-strong", "fashion-mnist", "elpv")
 DATASET_SIZES = {"demo": (1500, 500), "demo-strong": (1500, 500), "fashion-mnist": (3000, 1000),
                  "elpv": (3000, 1000)}
 DEMO_SCALE = 0.25
+# The defaults before issue 11, each flag as it was then (--crop-scale 0.6: random crops of 60-100%).
 OFF_FLAGS = {"--temperature-scaling": "false", "--best-epoch-by": "logloss", "--ema-decay": "0", "--tta": "false",
-             "--folds": "1"}
-PIECES = ("temperature", "select", "tta", "ema")
-ROW_NAMES = ("defaults", "temperature", "select", "tta", "ema", "k5", "prototype", "prior")
+             "--crop-scale": "0.6", "--folds": "1"}
+PIECES = ("temperature", "select", "tta", "ema", "crop")
+ROW_NAMES = ("defaults", "temperature", "select", "tta", "ema", "crop", "k5", "prototype", "prior")
 QUICK = {"datasets": "demo", "sizes": "32", "train": 100, "test": 40, "epochs": 1}
 DEFAULTS = {"datasets": ",".join(DATASETS), "sizes": "32,64", "train": None, "test": None, "epochs": 6}
 
@@ -136,8 +138,9 @@ def make_rows(args) -> list[Row]:
     select = {**temperature, "--best-epoch-by": "calibrated-logloss"}
     tta = {**select, "--tta": "true"}
     ema = {**tta, "--ema-decay": args.ema_decay}
+    crop = {**ema, "--crop-scale": "1"}
     pieces = {"temperature": temperature, "select": {"--best-epoch-by": "calibrated-logloss"},
-              "tta": {"--tta": "true"}, "ema": {"--ema-decay": args.ema_decay}}
+              "tta": {"--tta": "true"}, "ema": {"--ema-decay": args.ema_decay}, "crop": {"--crop-scale": "1"}}
     chosen = [piece for piece in args.ensemble_with.split(",") if piece and piece != "none"]
     ensemble = {"--folds": str(args.folds)}
     for piece in chosen:
@@ -149,6 +152,7 @@ def make_rows(args) -> list[Row]:
         "select": Row("select", "+ best epoch by calibrated log loss", select),
         "tta": Row("tta", "+ flip TTA", tta),
         "ema": Row("ema", f"+ EMA {args.ema_decay}", ema),
+        "crop": Row("crop", "+ no random crops (today's defaults)", crop),
         "k5": Row("k5", f"K={args.folds} site-fold ensemble ({with_text})", ensemble),
         "prototype": Row("prototype", "prototype recipe (random split, best by accuracy)", None),
         "prior": Row("prior", "class prior, no model", None),

@@ -78,7 +78,8 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run, demo_pick
     torch.set_num_threads(1)
     stats = engine.evaluate(network, DeviceImages(train["images"][val_index], torch.device("cpu")),
                             train["labels"][val_index], torch.nn.CrossEntropyLoss(),
-                            engine.Inference(256, artifact["preprocessing"]["image_size"]))
+                            engine.Inference(256, artifact["preprocessing"]["image_size"],
+                                             tta=artifact["hyperparameters"]["tta"]))
     best = json.loads((models / "metrics.json").read_text())["best"]
     assert stats["val_logloss"] == pytest.approx(best["val_logloss"], abs=1e-5)
     assert stats["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)
@@ -105,7 +106,7 @@ def test_a_kfold_run_under_ddp_scores_every_image_out_of_fold_and_predicts_with_
     oof = pd.read_csv(models / "oof_predictions.csv", dtype={"id": str})
     position = {image_id: i for i, image_id in enumerate(train["ids"])}
     torch.set_num_threads(1)
-    how = engine.Inference(256, artifact["preprocessing"]["image_size"])
+    how = engine.Inference(256, artifact["preprocessing"]["image_size"], tta=artifact["hyperparameters"]["tta"])
     temperature = artifact["hyperparameters"]["temperature"]
     for fold, network in enumerate(networks, start=1):
         rows = oof[oof["fold"] == fold]

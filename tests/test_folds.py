@@ -81,7 +81,7 @@ def test_cv_metrics_are_the_scores_of_the_out_of_fold_predictions(kfold):
     assert cv["acc"] == metrics.accuracy(probs, labels)
     assert [entry["fold"] for entry in cv["per_fold"]] == list(range(1, K + 1))
     assert sum(entry["images"] for entry in cv["per_fold"]) == len(oof)
-    assert report["calibration"]["fitted_on"] == "out-of-fold"
+    assert report["calibration"]["fitted_on"] == "out-of-fold (TTA)"  # TTA is on by default
     assert report["calibration"]["logloss_after"] == pytest.approx(cv["logloss"], abs=1e-6)
     assert report["calibration"]["logloss_before"] == pytest.approx(cv["logloss_before_temperature"], abs=1e-6)
     assert report["best"]["val_logloss"] == pytest.approx(cv["logloss_before_temperature"], rel=1e-12)
@@ -106,7 +106,8 @@ def test_test_predictions_are_the_mean_of_the_members_calibrated_probabilities(k
     assert info["hyperparameters"]["folds"] == K
     temperature = info["hyperparameters"]["temperature"]
     test = dataset.load_split(demo_pickles, "test")
-    how = engine.Inference(64, int(info["preprocessing"]["image_size"]), None, False,
+    assert info["hyperparameters"]["tta"] is True  # the default: each member's flip-averaged probabilities
+    how = engine.Inference(64, int(info["preprocessing"]["image_size"]), None, True,
                            normalisation=model_lib.artifact_normalisation(info))
     images = DeviceImages(test["images"], torch.device("cpu"))
     # Independently: each member's probabilities at the temperature (engine.predict_probs), then the mean.

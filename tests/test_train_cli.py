@@ -78,8 +78,9 @@ def test_every_output_is_written_with_the_contract_columns(reference):
     report = json.loads((models / "metrics.json").read_text())
     assert set(report) == {"epochs", "best", "test", "calibration"}
     assert [row["epoch"] for row in report["epochs"]] == [1, 2]
-    # metrics.json epochs: the contract fields, then the per-class report of that epoch.
-    assert all(list(row) == EPOCH_COLUMNS + ["per_class"] for row in report["epochs"])
+    # metrics.json epochs: the contract fields with the calibrated log loss, then the per-class report.
+    with_calibrated = EPOCH_COLUMNS[:5] + ["val_logloss_calibrated"] + EPOCH_COLUMNS[5:]
+    assert all(list(row) == with_calibrated + ["per_class"] for row in report["epochs"])
     num_val = int((pd.read_csv(models / "splits.csv")["split"] == "val").sum())
     for row in report["epochs"]:
         assert [entry["class"] for entry in row["per_class"]] == class_names
@@ -337,8 +338,9 @@ def test_settings_keep_every_flag_in_the_parsers_order():
     assert dss_train.build_parser()._option_string_actions["--optimizer"].choices == engine.OPTIMIZERS
     fingerprint_settings = settings.recipe("site")
     assert list(fingerprint_settings) == ["epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-                                          "warmup_epochs", "label_smoothing", "ema_decay", "class_weights", "arch",
-                                          "weights", "seed", "val_fraction", "split_by"]
+                                          "warmup_epochs", "label_smoothing", "crop_scale", "ema_decay",
+                                          "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by",
+                                          "split_by"]
 
 
 def test_help_explains_every_flag_with_its_default():
@@ -765,7 +767,7 @@ def test_where_it_fails_outputs_recompute_from_val_predictions(reference):
     for name in ("calibration.png", "top_losses.png"):
         data = (models / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000, name
-    assert re.search(r"temperature scaling on validation logits: T=\d+\.\d{4}, log loss", reference["stdout"])
+    assert re.search(r"temperature scaling on validation \(TTA\) logits: T=\d+\.\d{4}, log loss", reference["stdout"])
 
 
 def test_hosting_returns_the_training_runs_calibrated_probabilities(reference, demo_data, demo_pickles):
@@ -858,9 +860,10 @@ def test_best_epoch_by_calibrated_log_loss_keeps_the_sharper_later_epoch():
     from dss.calibration import calibrated_log_loss
 
     labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
-    soft = np.log(np.where(np.eye(2)[labels] == 1, 0.6, 0.4))          # right, timid
-    sharp = np.log(np.where(np.eye(2)[labels] == 1, 0.999, 0.001))
-    sharp[0] = np.log([0.001, 0.999])                                   # one confident mistake
+    soft = np.log(np.where(np.eye(2)[labels] == 1, 0.6, 0.4))          # timid, two mistakes
+    soft[:2] = soft[:2, ::-1]
+    sharp = np.log(np.where(np.eye(2)[labels] == 1, 0.999, 0.001))     # sharp, one confident mistake
+    sharp[0] = sharp[0, ::-1]
     records = []
     for epoch, logits in ((1, soft), (2, sharp)):
         probs = np.exp(logits)
