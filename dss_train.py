@@ -6,10 +6,11 @@ Local runs (after ``python preprocess.py --output-dir ./output``):
     python dss_train.py --data-dir ./output --model-dir ./models --epochs 10 --batch-size 32 --learning-rate 0.001
     python dss_train.py --data-dir ./output --model-dir ./models --weights none --epochs 3      # offline
     python dss_train.py --data-dir ./output --model-dir ./models --checkpoint-dir ./checkpoints  # resumable
+    python dss_train.py --data-dir ./output --model-dir ./models --folds 5    # 5 site-fold members, out-of-fold scores
     python dss_train.py --data-dir ./weekly/2026-w48 --model-dir ./models --predict-only  # -> models/predictions/2026-w48/
 
-Outputs (docs/training.md). Model dir: ``model.pth`` (weights, class names, preprocessing, the
-temperature; ``torch.load(weights_only=True)``), ``config.json``. Output dir (``--output-dir``; default
+Outputs (docs/training.md). Model dir: ``model.pth`` (weights, K members with --folds K, class names,
+preprocessing, the temperature; ``torch.load(weights_only=True)``), ``config.json``. Output dir (``--output-dir``; default
 the model dir, ``SM_OUTPUT_DATA_DIR`` under SageMaker): metrics, splits, validation and test
 predictions, plots and where it fails (site_metrics.csv, calibration.png, top_losses.png), replaced
 together once all are written. ``--predict-only`` writes into a folder per data dir

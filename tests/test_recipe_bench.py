@@ -100,14 +100,14 @@ def test_rows_need_their_flags_and_leave_out_missing_off_flags(tmp_path):
     command, why = recipe.row_command(rows["tta"], tmp_path, tmp_path, args, today)
     assert command is None and why == "not available: dss_train.py has no --best-epoch-by, --temperature-scaling"
 
-    later = today | {"--temperature-scaling", "--best-epoch-by", "--ema-decay", "--folds"}
+    later = today | {"--temperature-scaling", "--best-epoch-by", "--ema-decay", "--crop-scale", "--folds"}
     command, _ = recipe.row_command(rows["defaults"], tmp_path, tmp_path, args, later)
     assert [command[command.index(flag) + 1] for flag in ("--temperature-scaling", "--ema-decay", "--folds")] == [
         "false", "0", "1"]
     command, _ = recipe.row_command(rows["k5"], tmp_path, tmp_path, args, later)
     text = " ".join(command)
     assert "--folds 5" in text and "--temperature-scaling true" in text and "--tta true" in text
-    assert "--ema-decay 0.999" in text
+    assert "--ema-decay 0.999" in text and "--crop-scale 1" in text and "--best-epoch-by calibrated-logloss" in text
     assert recipe.train_flags("  --tta TTA  --ema-decay D\n  --data-in-memory {a,b}") == {
         "--tta", "--ema-decay", "--data-in-memory"}
 
