@@ -230,3 +230,11 @@ def test_ensemble_probs_of_one_member_is_the_calibrated_softmax():
     logits = np.random.default_rng(0).normal(size=(1, 5, 4))
     np.testing.assert_allclose(calibration.ensemble_probs(logits, 1.7), calibration.apply_temperature(logits[0], 1.7),
                                rtol=0, atol=1e-15)
+
+
+def test_more_folds_than_sites_is_an_error_that_says_what_to_do(demo_pickles, tmp_path):
+    result = train(demo_pickles, tmp_path / "models", "--folds", "200")
+    assert result.returncode == 1
+    assert "200 site-grouped folds need at least 200 distinct sites, found" in result.stderr
+    assert "use fewer folds or random folds" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "models" / "model.pth").exists()
