@@ -27,8 +27,9 @@ training) and a restarted job resumes from the newest valid one. A failure's rea
 ``$SM_OUTPUT_DIR/failure``. ``model_fn``/``input_fn``/``predict_fn``/``output_fn`` serve the model after deploy.
 
 Exit status: 0 success; 1 error (message on stderr); 2 bad arguments; 143 stopped by SIGTERM, 130 by
-Ctrl-C, at the next step after saving a checkpoint when there is a --checkpoint-dir (re-run with the same
-one to continue); a second Ctrl-C stops at once.
+Ctrl-C, in any phase: at the next training step (saving a checkpoint when there is a --checkpoint-dir;
+re-run with the same one to continue), else when the phase running (loading, an epoch's evaluation,
+test prediction, writing outputs) ends; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -58,13 +59,7 @@ HOSTING_HANDLERS = (model_fn, input_fn, predict_fn, output_fn)
 
 # --------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
-    parser = sagemaker.ArgumentParser(
-        description="Fine-tune a torchvision network on preprocess.py pickles (also the SageMaker entry point).",
-        formatter_class=cli.HelpFormatter, allow_abbrev=False)
-    for add_group in (training_args.add_path_arguments, training_args.add_training_arguments,
-                      training_args.add_run_arguments, training_args.add_tracking_arguments):
-        add_group(parser)
-    return parser
+    return training_args.build_parser()  # the flag groups, each flag marked whether it changes results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- training
-def train(settings: training.Settings, context: distributed.Context) -> None:
+def train(settings: training.Settings, context: distributed.Context, stop: stopping.StopFlag) -> None:
     """Train in this process (under torchrun, one rank of a DDP job) one member per fold (one for
-    --folds 1), then rank 0 writes the outputs of the run."""
-    started, device = time.monotonic(), context.device
+    --folds 1), then rank 0 writes the outputs of the run. ``stop`` is checked between phases."""
+    started, device, resumable = time.monotonic(), context.device, settings.checkpoint_dir is not None
     threads.apply(settings.num_threads)
     if context.is_main:
         training.sweep_leftovers([settings.model_dir, settings.output_dir])
@@ -84,21 +79,28 @@ def train(settings: training.Settings, context: distributed.Context) -> None:
     log.info(training.describe_device(context, settings.batch_size))
     # Leaving the block stops the reader threads of streamed data and ends the MLflow run, however the run ends.
     with training_data.load(settings, device) as data, crossval.SharedRun(settings, context, tracker_settings) as run:
+        stop.check("while loading the data", resumable)
         folds = crossval.plan(settings.folds, data, settings.seed)
-        members = [train_member(settings, context, crossval.for_fold(data, fold), fold, run, folds) for fold in folds]
+        members = []
+        for fold in folds:
+            members.append(train_member(settings, context, crossval.for_fold(data, fold), fold, run, folds, stop))
+            stop.check(f"after {fold.name if fold.in_ensemble else 'training'} (test predictions made)", resumable)
         result = finishing.finish(settings, members, data, training.inference(settings, data, context), run.config)
+        stop.check("before writing the outputs", resumable)
         if not context.is_main:
             return
-        outputs.write_all_outputs(result)
+        outputs.write_all_outputs(result, settings.keep_previous)
         run.tracker.log_metrics({**result.headline(), "test_images": data.num_test_images})
         run.tracker.log_outputs(settings.output_dir, settings.model_dir, settings.mlflow_log_model)
+        stop.check("after writing every output (the run is complete)", resumable)
     log.info(result.metrics_line())
     log.info(f"done in {time.monotonic() - started:.1f} s: {result.summary()}; "
              f"model in {settings.model_dir}, outputs in {settings.output_dir}")
 
 
 def train_member(settings: training.Settings, context: distributed.Context, data: training_data.TrainingData,
-                 fold: crossval.Fold, run: crossval.SharedRun, folds: list[crossval.Fold]) -> crossval.Member:
+                 fold: crossval.Fold, run: crossval.SharedRun, folds: list[crossval.Fold],
+                 stop_requested: stopping.StopFlag) -> crossval.Member:
     """Train the model of one fold (the only one for --folds 1): the epoch loop, with checkpoints."""
     device = context.device
     amp_dtype, use_scaler = engine.select_precision(device)
@@ -110,7 +112,7 @@ def train_member(settings: training.Settings, context: distributed.Context, data
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = training.make_ema(network, settings.ema_decay)  # --ema-decay: evaluated, kept and saved when on
     state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator, ema,
-                                     best_by=training.BEST_EPOCH_FIELDS[settings.best_epoch_by])
+                                     best_by=training_args.BEST_EPOCH_FIELDS[settings.best_epoch_by])
     checkpoints = training.run_checkpoints(settings, data, context, fold)
     resumed_from = checkpoints.resume(state)
     tracker = run.join(state, data, schedule, resumed_from, folds)
@@ -128,41 +130,41 @@ def train_member(settings: training.Settings, context: distributed.Context, data
     val_labels = data.labels[data.val_index]
     fold_prefix = f"{fold.name} " if fold.in_ensemble else ""
 
-    with stopping.StopFlag(context) as stop_requested:
-        for epoch in range(state.epoch + 1, settings.epochs + 1):
-            if state.early_stopped:
-                break
-            state.begin_epoch()
-            tick = time.monotonic()
-            try:
-                stats = engine.train_one_epoch(loop, train_images, train_labels, epoch, state.step,
-                                               skip_batches=state.step_in_epoch, stop_requested=stop_requested)
-            except engine.NonFiniteLossError as exc:
-                raise training.TrainingError.non_finite(exc) from exc
-            state.add_epoch_part(stats)
-            if stats["stopped_early"]:
-                checkpoints.save(state)
-                raise training.TrainingInterrupted.at(epoch, state.step_in_epoch, schedule.steps_per_epoch,
-                                                      saved=checkpoints.enabled, signum=stop_requested.signum)
-            train_stats = state.finish_epoch()
-            train_model.eval()
-            evaluated = state.evaluated(eval_model)  # the EMA's weights when --ema-decay is on
-            distributed.broadcast_buffers(evaluated, context)  # rank 0's BatchNorm statistics
-            eval_stats = engine.evaluate(evaluated, val_images, val_labels, loss_fn, inference)
-            record = fold.tag(training.epoch_record(epoch, train_stats, eval_stats, optimizer.param_groups[0]["lr"],
-                                                    time.monotonic() - tick))
-            matrix = metrics.confusion_matrix(val_labels, np.argmax(eval_stats["probs"], axis=1), data.num_classes)
-            # Only in metrics.json: metrics.csv and the [METRICS] line keep their fixed EPOCH_FIELDS.
-            record["per_class"] = metrics.per_class_report(matrix, data.class_names)
-            improved = state.record_epoch(record, eval_stats["probs"], matrix)
-            for line in training.epoch_lines(record, settings.epochs, improved, fold_prefix):
-                log.info(line)
-            tracker.log_epochs(*crossval.tracked_epochs(state.history, fold, outputs.EPOCH_FIELDS[1:]))
-            if settings.patience and state.epochs_without_improvement >= settings.patience:
-                state.early_stopped = True
-                log.info(f"{fold_prefix}early stopping: no better {state.best_by} for {settings.patience} epochs "
-                         f"(best: epoch {state.best['epoch']})")
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if state.early_stopped:
+            break
+        state.begin_epoch()
+        tick = time.monotonic()
+        try:
+            stats = engine.train_one_epoch(loop, train_images, train_labels, epoch, state.step,
+                                           skip_batches=state.step_in_epoch, stop_requested=stop_requested)
+        except engine.NonFiniteLossError as exc:
+            raise training.TrainingError.non_finite(exc) from exc
+        state.add_epoch_part(stats)
+        if stats["stopped_early"]:
             checkpoints.save(state)
+            raise training.TrainingInterrupted.at(epoch, state.step_in_epoch, schedule.steps_per_epoch,
+                                                  saved=checkpoints.enabled, signum=stop_requested.signum)
+        train_stats = state.finish_epoch()
+        train_model.eval()
+        evaluated = state.evaluated(eval_model)  # the EMA's weights when --ema-decay is on
+        distributed.broadcast_buffers(evaluated, context)  # rank 0's BatchNorm statistics
+        eval_stats = engine.evaluate(evaluated, val_images, val_labels, loss_fn, inference)
+        record = fold.tag(training.epoch_record(epoch, train_stats, eval_stats, optimizer.param_groups[0]["lr"],
+                                                time.monotonic() - tick))
+        matrix = metrics.confusion_matrix(val_labels, np.argmax(eval_stats["probs"], axis=1), data.num_classes)
+        # Only in metrics.json: metrics.csv and the [METRICS] line keep their fixed EPOCH_FIELDS.
+        record["per_class"] = metrics.per_class_report(matrix, data.class_names)
+        improved = state.record_epoch(record, eval_stats["probs"], matrix)
+        for line in training.epoch_lines(record, settings.epochs, improved, fold_prefix):
+            log.info(line)
+        tracker.log_epochs(*crossval.tracked_epochs(state.history, fold, outputs.EPOCH_FIELDS[1:]))
+        if settings.patience and state.epochs_without_improvement >= settings.patience:
+            state.early_stopped = True
+            log.info(f"{fold_prefix}early stopping: no better {state.best_by} for {settings.patience} epochs "
+                     f"(best: epoch {state.best['epoch']})")
+        checkpoints.save(state)
+        stop_requested.check(f"after {fold_prefix}epoch {epoch}", checkpoints.enabled)
 
     if state.best is None:
         raise training.TrainingError("no epoch finished, nothing to save")
@@ -175,38 +177,44 @@ def train_member(settings: training.Settings, context: distributed.Context, data
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging(enabled=True)
-    try:
-        settings = training.Settings.from_args(args)
-        if settings.predict_only:
-            # Under torchrun the other ranks have nothing to do: one process writes the predictions.
-            if distributed.ranks_from_env()[0] == 0:
-                predicting.predict_only(settings)
-            return 0
-        context = distributed.setup(training.resolve_device(settings.device))
-        cli.setup_logging(enabled=context.is_main)  # one copy of each log line per DDP job
+    # One stop flag for the whole run: a SIGTERM or Ctrl-C in any phase stops it at the next check.
+    with stopping.StopFlag() as stop:
         try:
-            train(settings, context)
-            distributed.barrier(context)  # rank 0 has written every output
-        finally:
-            distributed.teardown(context)
-            cli.setup_logging(enabled=True)
-        return 0
-    except (training.TrainingInterrupted, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C outside the training loop, or a second one in it
-            exc = training.TrainingInterrupted.at_once(args.checkpoint_dir, args.predict_only)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sagemaker.write_failure(str(exc))
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - every failure must reach stderr and SageMaker's failure file
-        expected = (dataset.DatasetError, FileNotFoundError, model_lib.WeightsError,
-                    checkpoint.CheckpointMismatchError, training.TrainingError, distributed.DistributedSetupError,
-                    tracking.TrackingError, ValueError, OSError)
-        if not isinstance(exc, expected):
-            traceback.print_exc()
-        reason = f"{type(exc).__name__}: {exc}"
-        print(f"error: {reason}", file=sys.stderr, flush=True)
-        sagemaker.write_failure(reason)
-        return 1
+            run(training.Settings.from_args(args), stop)
+            return 0
+        except (training.TrainingInterrupted, KeyboardInterrupt) as exc:
+            if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
+                exc = training.TrainingInterrupted.at_once(args.checkpoint_dir, args.predict_only)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sagemaker.write_failure(str(exc))
+            return exc.exit_code
+        except Exception as exc:  # noqa: BLE001 - every failure must reach stderr and SageMaker's failure file
+            expected = (dataset.DatasetError, FileNotFoundError, model_lib.WeightsError,
+                        checkpoint.CheckpointMismatchError, training.TrainingError, distributed.DistributedSetupError,
+                        tracking.TrackingError, ValueError, OSError)
+            if not isinstance(exc, expected):
+                traceback.print_exc()
+            reason = f"{type(exc).__name__}: {exc}"
+            print(f"error: {reason}", file=sys.stderr, flush=True)
+            sagemaker.write_failure(reason)
+            return 1
+
+
+def run(settings: training.Settings, stop: stopping.StopFlag) -> None:
+    """--predict-only, or a training run (under torchrun, this rank of a DDP job)."""
+    if settings.predict_only:
+        # Under torchrun the other ranks have nothing to do: one process writes the predictions.
+        if distributed.ranks_from_env()[0] == 0:
+            predicting.predict_only(settings, stop)
+        return
+    context = distributed.setup(training.resolve_device(settings.device))
+    cli.setup_logging(enabled=context.is_main)  # one copy of each log line per DDP job
+    try:
+        train(settings, context, stop.bind(context))
+        distributed.barrier(context)  # rank 0 has written every output
+    finally:
+        distributed.teardown(context)
+        cli.setup_logging(enabled=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ applies 1-3 random mutations (byte flips, truncation, deleted/duplicated slices,
 format-specific tokens, 0x00000000/0xFFFFFFFF over a length field) or, one case in eight, uses
 random bytes, and checks the only allowed outcomes:
 
-  pickle  dss.dataset.load_file -> a validated dict, or DatasetError; and no side effect (a
-          mutation may splice in a ``posix.system('touch MARKER')`` payload: MARKER must never exist)
+  pickle  dss.dataset.load_file -> a validated dict holding no object array, or DatasetError; and
+          no side effect (a mutation may splice in a ``posix.system('touch MARKER')`` payload: MARKER
+          must never exist)
+  pickle_attack  the same oracle, mutating the hand-crafted attacks of ``attack_pickles`` (each of
+          which, unmutated, must be refused; they run first, as cases -1, -2, ...)
   csv     dss.labels.read_labels / read_features -> a consistent table, or LabelsError
   image   dss.images.decode_and_resize -> a C-contiguous (32, 32, 3) uint8 array, or ImageSkip
           with a reason from images.SKIP_REASONS
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dss import dataset, images, labels, safepickle  # noqa: E402
 
-TARGETS = ("pickle", "csv", "image")
+TARGETS = ("pickle", "pickle_attack", "csv", "image")
 IMAGE_SIZE = 32  # px of the decoded output in the image oracle
 MARKER_NAME = "FUZZ_MARKER_MUST_NOT_EXIST"
 
@@ -117,6 +120,64 @@ def pickle_seeds() -> list[bytes]:
         "info": {"format_version": dataset.FORMAT_VERSION, "split": "train", "image_size": 4},
     }
     return [pickle.dumps(data, protocol=5), pickle.dumps(data, protocol=2)]
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return pickle.BINUNICODE + len(data).to_bytes(4, "little") + data
+
+
+def _dtype_state_build(itemsize: int, flags: int) -> bytes:
+    """The dtype state (3, '|', None, None, None, itemsize, 1, flags) and BUILD, as numpy writes it."""
+    return (pickle.MARK + pickle.BININT1 + b"\x03" + _text("|") + pickle.NONE * 3
+            + pickle.BININT + itemsize.to_bytes(4, "little") + pickle.BININT1 + b"\x01"
+            + pickle.BININT + flags.to_bytes(4, "little") + pickle.TUPLE + pickle.BUILD)
+
+
+def dtype_ops(code: str, itemsize: int, flags: int) -> bytes:
+    """``numpy.dtype(code, False, True)``, then BUILD with ``_dtype_state_build``."""
+    return (pickle.GLOBAL + b"numpy\ndtype\n" + _text(code) + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE3
+            + pickle.REDUCE + _dtype_state_build(itemsize, flags))
+
+
+def object_array_ops(module: str = "numpy._core.multiarray", count: int = 2) -> bytes:
+    """An array of ``count`` void items whose dtype BUILD sets NPY_ITEM_HASOBJECT (0x01): numpy's
+    _reconstruct + BUILD, as protocol <= 4 pickles an array. Its 8-byte items are zero here; with
+    other bytes they are pointers that numpy dereferences (and frees) as Python objects."""
+    data = bytes(8 * count)
+    return (pickle.GLOBAL + f"{module}\n_reconstruct\n".encode() + pickle.GLOBAL + b"numpy\nndarray\n"
+            + pickle.BININT1 + b"\x00" + pickle.TUPLE1 + pickle.SHORT_BINBYTES + b"\x01b" + pickle.TUPLE3
+            + pickle.REDUCE + pickle.MARK + pickle.BININT1 + b"\x01" + pickle.BININT1 + bytes([count])
+            + pickle.TUPLE1 + dtype_ops("V8", 8, 0x01) + pickle.NEWFALSE
+            + pickle.SHORT_BINBYTES + bytes([len(data)]) + data + pickle.TUPLE + pickle.BUILD)
+
+
+def regrown_dtype_ops() -> bytes:
+    """A 16-byte array of V1 items (``_frombuffer``), after which its dtype (memo 0) is BUILT again
+    with item size 4096: applied to the shared dtype, the array would read 64 KiB from 16 bytes."""
+    return (pickle.GLOBAL + b"numpy._core.numeric\n_frombuffer\n" + pickle.MARK
+            + pickle.SHORT_BINBYTES + b"\x10" + b"A" * 16 + dtype_ops("V1", 1, 0) + pickle.BINPUT + b"\x00"
+            + pickle.MARK + pickle.BININT1 + b"\x10" + pickle.TUPLE + _text("C") + pickle.TUPLE + pickle.REDUCE
+            + pickle.BINGET + b"\x00" + _dtype_state_build(4096, 0) + pickle.POP)
+
+
+def attack_pickles() -> dict[str, bytes]:
+    """Hand-crafted dataset pickles (protocol 3) that the loader must refuse, by name: object arrays
+    made through a dtype's BUILD state (both numpy spellings), in the images and in meta."""
+    seed = pickle.loads(pickle_seeds()[0])
+    attacks = {}
+    for name, module, field in (("object_images", "numpy._core.multiarray", "images"),
+                                ("object_images_numpy1", "numpy.core.multiarray", "images"),
+                                ("object_meta", "numpy._core.multiarray", "source_key")):
+        evil = object_array_ops(module, count=3)
+        # A real dataset dict with ``evil`` spliced in as the value of ``field``.
+        marker = "SPLICE_HERE"
+        body = pickle.dumps({**seed, "images": marker} if field == "images"
+                            else {**seed, "meta": {**seed["meta"], field: marker}}, protocol=3)
+        spliced = pickle.BINUNICODE + len(marker).to_bytes(4, "little") + marker.encode()
+        assert body.count(spliced) == 1
+        attacks[name] = body.replace(spliced, evil)
+    return attacks
 
 
 # --------------------------------------------------------------------------- mutation
@@ -214,12 +275,22 @@ def check_pickle(data: bytes, folder: Path) -> str:
     else:
         if not (isinstance(loaded, dict) and loaded["images"].dtype == np.uint8 and loaded["images"].ndim == 4):
             raise OracleFailure("load_file returned an invalid dataset")
+        if _holds_object_array(loaded):
+            raise OracleFailure("load_file returned an object array")
         outcome = "ok"
     if (folder / MARKER_NAME).exists():
         raise OracleFailure("a pickle ran code: the marker file was created")
     if safepickle._ALLOWED != allowed_before:
         raise OracleFailure("the unpickler's allowlist was changed by a pickle")
     return outcome
+
+
+def _holds_object_array(value) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_object_array(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_object_array(item) for item in value)
+    return isinstance(value, (np.ndarray, np.dtype, np.generic)) and getattr(value, "dtype", value).hasobject
 
 
 # --------------------------------------------------------------------------- the loop
@@ -245,6 +316,8 @@ def time_limit(seconds: float):
 def _seeds_and_tokens(target: str, folder: Path) -> tuple[list[bytes], list[bytes]]:
     if target == "pickle":
         return pickle_seeds(), pickle_tokens(folder / MARKER_NAME)
+    if target == "pickle_attack":
+        return list(attack_pickles().values()), pickle_tokens(folder / MARKER_NAME)
     return (csv_seeds(), CSV_TOKENS) if target == "csv" else (image_seeds(), IMAGE_TOKENS)
 
 
@@ -257,12 +330,17 @@ def case_input(target: str, seed: int, case: int, folder: Path, seeds_and_tokens
 
 def run_target(target: str, cases: int, seed: int, case_timeout: float, folder: Path,
                save_failures: Path | None) -> tuple[Counter, list[str]]:
-    """Run ``cases`` mutated inputs through one oracle; returns (outcome counts, failure lines)."""
-    oracle = (lambda data: check_pickle(data, folder)) if target == "pickle" else {"csv": check_csv,
-                                                                                  "image": check_image}[target]
+    """Run ``cases`` mutated inputs through one oracle; returns (outcome counts, failure lines).
+    ``pickle_attack`` first runs each unmutated attack (cases -1, -2, ...), which must be refused."""
+    oracle = ((lambda data: check_pickle(data, folder)) if target.startswith("pickle")
+              else {"csv": check_csv, "image": check_image}[target])
     seeds_and_tokens = _seeds_and_tokens(target, folder)
     counts: Counter = Counter()
     failures = []
+    attacks = seeds_and_tokens[0] if target == "pickle_attack" else []
+    for index, attack in enumerate(attacks):
+        if check_pickle(attack, folder) != "refused":
+            failures.append(f"{target} case {-1 - index}: an unmutated attack pickle was not refused")
     for case in range(cases):
         data = case_input(target, seed, case, folder, seeds_and_tokens)
         printed = io.StringIO()  # what C code printed with PyErr_Print (not an exception, but worth knowing)

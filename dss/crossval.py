@@ -56,8 +56,9 @@ class Fold:
         return root / f"fold-{self.number}" if root is not None and self.in_ensemble else root
 
     def fingerprint(self) -> dict:
-        """What a checkpoint of this member must also have been made with (nothing for K = 1)."""
-        return {"folds": self.count, "fold": self.number} if self.in_ensemble else {}
+        """What a checkpoint of this member must also have been made with, beside the run's
+        settings (which hold --folds): its fold number (nothing for K = 1)."""
+        return {"fold": self.number} if self.in_ensemble else {}
 
     def tag(self, record: dict) -> dict:
         """An epoch record of this member: with its "fold" when K > 1."""

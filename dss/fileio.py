@@ -140,3 +140,74 @@ def sweep_stale(folder: str | os.PathLike, finals: Collection[str] | None = None
         if not entry.exists():
             removed.append(entry)
     return removed
+
+
+class StagedFiles:
+    """A set of output files that replace their final names together, or not at all.
+
+    Writers write to ``stage.path(final)`` (``<final's folder>/.staging-<pid>/<name>``, with this
+    module's writers); ``publish()`` then ``os.replace``s every staged file onto its final name,
+    in the order the paths were asked for (put the file whose presence means "run complete" last),
+    after removing the names given to ``remove``. Used as a context manager, the staging folders
+    are deleted on exit, so a failure before ``publish()`` leaves the final names untouched.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []  # (staged path, final path)
+        self._remove: list[Path] = []
+        self._folders: list[Path] = []
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """Where to write the file that will become ``final``."""
+        final = Path(final)
+        if any(final == known for _, known in self._staged) or final in self._remove:
+            raise ValueError(f"{final} is staged twice")
+        staging = staging_folder(final.parent)
+        staging.mkdir(parents=True, exist_ok=True)
+        if staging not in self._folders:
+            self._folders.append(staging)
+        staged = staging / final.name
+        self._staged.append((staged, final))
+        return staged
+
+    def remove(self, final: str | os.PathLike) -> None:
+        """Delete ``final`` at publish time, if it exists (an output this run does not produce)."""
+        final = Path(final)
+        if any(final == known for _, known in self._staged):
+            raise ValueError(f"{final} is both staged and to be removed")
+        self._remove.append(final)
+
+    def publish(self) -> list[Path]:
+        """Move every staged file onto its final name; returns the paths removed as stale.
+
+        Every check that can fail is done before the first rename, so an error leaves all final
+        names as they were (renames within one folder do not fail short of a crash)."""
+        for staged, final in self._staged:
+            if not staged.is_file():
+                raise FileNotFoundError(f"{staged}: nothing was written for {final}")
+        for final in [final for _, final in self._staged] + self._remove:
+            if final.is_dir() and not final.is_symlink():
+                raise IsADirectoryError(f"{final} is a directory: cannot replace it with this run's file; "
+                                        "move it away and re-run")
+        removed = []
+        for final in self._remove:
+            if final.is_file() or final.is_symlink():
+                final.unlink()
+                removed.append(final)
+        for staged, final in self._staged:
+            os.replace(staged, final)
+        for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
+            fsync_folder(folder)
+        return removed
+
+    def discard(self) -> None:
+        """Delete the staging folders and whatever is still in them."""
+        for folder in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders = []

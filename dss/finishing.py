@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dss import calibration, crossval, diagnostics, engine, outputs
+from dss import calibration, crossval, diagnostics, engine, outputs, training
 from dss.cli import log
 
 if TYPE_CHECKING:
     from dss.checkpoint import TrainingState
-    from dss.training import Settings
     from dss.training_data import TrainingData
 
 TOP_LOSSES = 16  # validation images shown in top_losses.png
@@ -72,7 +71,7 @@ def close_member(state: TrainingState, fold: crossval.Fold, eval_model: torch.nn
                            time.monotonic() - tick)
 
 
-def finish(settings: Settings, members: list[crossval.Member], data: TrainingData, inference: engine.Inference,
+def finish(settings: training.Settings, members: list[crossval.Member], data: TrainingData, inference: engine.Inference,
            config: dict) -> outputs.RunResult:
     """Calibrate the validation (K = 1) or out-of-fold (K > 1) probabilities, average the members'
     calibrated test probabilities and gather what the outputs need."""
@@ -95,8 +94,8 @@ def finish(settings: Settings, members: list[crossval.Member], data: TrainingDat
     best = (crossval.oof_best(members, val_labels, raw_probs, data.class_names) if ensemble
             else members[0].best)
     norm = inference.normalisation
-    hyperparameters = {**settings.recipe(data.split_by), "tta": settings.tta, "temperature": temperature,
-                       "folds": len(members), "best_epoch": best["epoch"] if not ensemble else best["fold_epochs"]}
+    hyperparameters = {**training.recipe(settings, data), "temperature": temperature,
+                       "best_epoch": best["epoch"] if not ensemble else best["fold_epochs"]}
     return outputs.RunResult(
         model_dir=settings.model_dir, output_dir=settings.output_dir, data_dir=settings.data_dir,
         history=[record for member in members for record in member.history], best=best,

@@ -158,11 +158,40 @@ def _normalise(batch: torch.Tensor, normalisation: Normalisation | None = None) 
     return out
 
 
+def resize_antialiased(images: torch.Tensor, out_size: int) -> torch.Tensor:
+    """float (B, 3, H, W) in 0..255 -> (B, 3, out, out): bilinear with antialiasing (a triangle filter
+    as wide as the downscale; plain bilinear when enlarging), unchanged at the same size. The one
+    resampling of training (``GpuAugment``) and of evaluation and serving (``eval_transform``)."""
+    if images.shape[-2:] == (out_size, out_size):
+        return images
+    return F.interpolate(images, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp_(0.0, 255.0)
+
+
+def _crop_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                  flip: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1-D resampling matrices (B, out, in) of the crops [start, start + length) (source
+    pixels, (B,) floats): ``resize_antialiased``'s filter (F.interpolate's antialiased bilinear, as
+    PIL) laid over each crop, using the real pixels beyond a crop's edge and renormalised at the
+    image's. Rows are reversed where ``flip`` (B,) bool, mirroring the crop."""
+    scale = (length / out_size).view(-1, 1, 1)                        # source px per output px
+    support = scale.clamp(min=1.0)                                    # triangle half-width, source px
+    centre = start.view(-1, 1, 1) + scale * (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5)
+    pixel_centre = torch.arange(in_size, device=start.device).view(1, 1, -1) + 0.5
+    weights = (1.0 - (pixel_centre - centre).abs() / support).clamp_(min=0.0)
+    weights = weights / weights.sum(dim=2, keepdim=True)
+    return torch.where(flip.view(-1, 1, 1), weights.flip(1), weights)
+
+
 class GpuAugment:
-    """Batched training augmentation: random resized crop (+ horizontal flip) as one
-    ``affine_grid``/``grid_sample``, random greyscale, brightness and contrast jitter,
-    then normalisation (``normalisation``; None = ImageNet statistics). Input uint8 (B, 3, H, W);
-    output float (B, 3, out, out), channels_last.
+    """Batched training augmentation: random resized crop (+ horizontal flip), random greyscale,
+    brightness and contrast jitter, then normalisation (``normalisation``; None = ImageNet
+    statistics). Input uint8 (B, 3, H, W); output float (B, 3, out, out), channels_last.
+
+    Resampling is ``eval_transform``'s, so the network trains on the pixels it is served: without
+    crops (scale and ratio (1, 1)) the batch goes through ``resize_antialiased`` itself, then the
+    flips; with crops each crop is resampled by the same antialiased filter, as two batched matrix
+    products (rows, then columns) of per-sample weights from ``_crop_weights``.
 
     ``scale`` is the range of the crop's area as a share of the image, ``ratio`` the range of
     its aspect (width/height), as in torchvision's RandomResizedCrop; ``brightness`` and
@@ -188,6 +217,7 @@ class GpuAugment:
         self.flip_p, self.grey_p = float(flip_p), float(grey_p)
         self.brightness, self.contrast = float(brightness), float(contrast)
         self.normalisation = normalisation or Normalisation()
+        self.crops = self.scale != (1.0, 1.0) or self.log_ratio != (0.0, 0.0)
 
     def draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """All random numbers for one batch: U(0, 1) of shape (B, NUM_DRAWS) on the generator's device."""
@@ -197,24 +227,12 @@ class GpuAugment:
         """Augment uint8 (B, 3, H, W) with the draws of ``draw`` -> normalised float (B, 3, out, out)."""
         size = batch.shape[0]
         u_area, u_ratio, u_x, u_y, u_flip, u_grey, u_bright, u_contrast = draws.unbind(1)
-
-        # Crop width/height as shares of the image side (area share * aspect, area share / aspect).
-        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u_area
-        aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u_ratio)
-        crop_w = torch.sqrt(area * aspect).clamp(max=1.0)
-        crop_h = torch.sqrt(area / aspect).clamp(max=1.0)
-        # Crop centre in grid coordinates [-1, 1]; the crop stays inside the image.
-        centre_x = (2.0 * u_x - 1.0) * (1.0 - crop_w)
-        centre_y = (2.0 * u_y - 1.0) * (1.0 - crop_h)
-        flip = torch.where(u_flip < self.flip_p, -1.0, 1.0)
-        theta = torch.zeros((size, 2, 3), device=batch.device)
-        theta[:, 0, 0] = crop_w * flip
-        theta[:, 0, 2] = centre_x
-        theta[:, 1, 1] = crop_h
-        theta[:, 1, 2] = centre_y
-        grid = F.affine_grid(theta, [size, 3, self.out_size, self.out_size], align_corners=False)
-        images = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="reflection",
-                               align_corners=False)                     # (B, 3, out, out), 0..255
+        flip = u_flip < self.flip_p
+        if self.crops:
+            images = self._resampled_crops(batch.float(), u_area, u_ratio, u_x, u_y, flip)
+        else:
+            images = resize_antialiased(batch.float(), self.out_size)
+            images = torch.where(flip.view(size, 1, 1, 1), images.flip(3), images)  # (B, 3, out, out), 0..255
 
         grey_weights = torch.tensor(_GREY_WEIGHTS, device=batch.device).view(1, 3, 1, 1)
         luma = (images * grey_weights).sum(dim=1, keepdim=True)          # (B, 1, out, out)
@@ -229,13 +247,25 @@ class GpuAugment:
         images = ((images - mean_luma) * contrast + mean_luma).clamp_(0.0, 255.0)
         return _normalise(images, self.normalisation)
 
+    def _resampled_crops(self, images: torch.Tensor, u_area, u_ratio, u_x, u_y, flip) -> torch.Tensor:
+        """float (B, 3, H, W) -> the random crops resampled to (B, 3, out, out), 0..255."""
+        height, width = images.shape[-2:]
+        # Crop width/height as shares of the image side (area share * aspect, area share / aspect).
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u_area
+        aspect = torch.exp(self.log_ratio[0] + (self.log_ratio[1] - self.log_ratio[0]) * u_ratio)
+        crop_w = torch.sqrt(area * aspect).clamp(max=1.0)
+        crop_h = torch.sqrt(area / aspect).clamp(max=1.0)
+        # The crop's left/top edge in source pixels: anywhere that keeps it inside the image.
+        left = u_x * (1.0 - crop_w) * width
+        top = u_y * (1.0 - crop_h) * height
+        rows = _crop_weights(top, crop_h * height, height, self.out_size, torch.zeros_like(flip))
+        columns = _crop_weights(left, crop_w * width, width, self.out_size, flip)
+        # (B, 1, out, H) @ (B, 3, H, W) @ (B, 1, W, out): float32 (apply runs outside autocast).
+        return (rows.unsqueeze(1) @ images @ columns.unsqueeze(1).transpose(2, 3)).clamp_(0.0, 255.0)
+
 
 def eval_transform(batch: torch.Tensor, out_size: int, normalisation: Normalisation | None = None) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float (B, 3, out, out), channels_last; resized (bilinear,
     antialiased) only when ``out_size`` differs from the stored size. ``normalisation``: None =
     ImageNet statistics."""
-    images = batch.float()
-    if images.shape[-2:] != (out_size, out_size):
-        images = F.interpolate(images, size=(out_size, out_size), mode="bilinear", align_corners=False,
-                               antialias=True).clamp_(0.0, 255.0)
-    return _normalise(images, normalisation)
+    return _normalise(resize_antialiased(batch.float(), out_size), normalisation)

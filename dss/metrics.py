@@ -100,38 +100,88 @@ def save_figure(figure, path: str | os.PathLike) -> None:
     fileio.write_bytes(path, buffer.getvalue())
 
 
-def plot_training_curves(history: list[dict], path: str | os.PathLike) -> None:
-    """Losses (train, val, val log loss), accuracies and learning rate against epoch, as a PNG;
-    one line per fold for the records of a --folds K run (they carry "fold")."""
+# training_curves.png: per panel its title and curves (record key, legend label, colour); a key
+# the records lack (older runs have no val_logloss_calibrated) is left out.
+CURVE_PANELS = (
+    ("Loss", (("train_loss", "train loss", "tab:blue"), ("val_loss", "val loss (objective)", "tab:orange"),
+              ("val_logloss", "val log loss (metric)", "tab:green"),
+              ("val_logloss_calibrated", "val log loss after temperature scaling", "tab:red"))),
+    ("Accuracy", (("train_acc", "train accuracy", "tab:blue"), ("val_acc", "val accuracy", "tab:orange"))),
+    ("Learning rate (end of epoch)", (("lr", "learning rate", "tab:gray"),)),
+)
+
+
+def _values_by_epoch(history: list[dict], key: str, folds: list) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs (E,) and float64 (E, folds) values of ``key``; NaN where a fold has no such epoch
+    (it stopped early) or the record lacks the key."""
+    epochs = np.array(sorted({int(row["epoch"]) for row in history}))
+    values = np.full((len(epochs), len(folds)), np.nan)
+    column = {fold: index for index, fold in enumerate(folds)}
+    for row in history:
+        values[np.searchsorted(epochs, int(row["epoch"])), column[row.get("fold")]] = row.get(key, np.nan)
+    return epochs, values
+
+
+def _mark_selected(axes, selected: list[int], folds: list) -> None:
+    """The epoch whose weights were kept: a dashed line (one split), or with folds a tick at the
+    bottom per selected epoch, with the number of folds that selected it."""
+    if len(folds) == 1:
+        axes.axvline(selected[0], color="black", linestyle="--", linewidth=1, label=f"selected epoch {selected[0]}")
+        return
+    epochs, counts = np.unique(selected, return_counts=True)
+    axes.vlines(epochs, 0.0, 0.08, transform=axes.get_xaxis_transform(), color="black", linewidth=2,
+                label="selected epoch of each fold (count above the tick)")
+    for epoch, count in zip(epochs.tolist(), counts.tolist()):
+        axes.text(epoch, 0.1, str(count), transform=axes.get_xaxis_transform(), ha="center", fontsize="small")
+
+
+def training_curves_figure(history: list[dict], selected_epochs: Sequence[int] | None = None):
+    """The Figure of training_curves.png: losses (train, val, val log loss before and after the
+    temperature), accuracies and learning rate against epoch (integer ticks). For the records of a
+    --folds K run (they carry "fold") each curve is the mean over the folds with a min-max band, so
+    the figure reads the same for K = 2 or 24. ``selected_epochs``: the best epoch (one split) or
+    each fold's, in fold order, marked on every panel. The legend sits below the panels."""
+    from matplotlib.ticker import MaxNLocator
+
     if not history:
         raise ValueError("no epochs to plot")
     folds = sorted({row["fold"] for row in history if "fold" in row}) or [None]
-    figure = new_figure(15, 4.5)
-    loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
-    for fold in folds:
-        rows = [row for row in history if row.get("fold") == fold]
-        epochs = [row["epoch"] for row in rows]
-        suffix = "" if fold is None else f", fold {fold}"
-
-        def series(key):
-            return [row.get(key, np.nan) for row in rows]
-
-        for key, label in (("train_loss", "train loss"), ("val_loss", "val loss (objective)"),
-                           ("val_logloss", "val log loss (metric)")):
-            loss_axes.plot(epochs, series(key), marker="o", label=label + suffix)
-        for key, label in (("train_acc", "train accuracy"), ("val_acc", "val accuracy")):
-            acc_axes.plot(epochs, series(key), marker="o", label=label + suffix)
-        lr_axes.plot(epochs, series("lr"), marker="o", color="tab:gray")
-    loss_axes.set_title("Loss")
-    acc_axes.set_title("Accuracy")
-    lr_axes.set_title("Learning rate (end of epoch)")
-    for axes in (loss_axes, acc_axes, lr_axes):
+    figure = new_figure(15, 5.5)
+    figure.set_layout_engine("constrained")
+    panels = figure.subplots(1, len(CURVE_PANELS))
+    for axes, (title, curves) in zip(panels, CURVE_PANELS):
+        for key, label, colour in curves:
+            epochs, values = _values_by_epoch(history, key, folds)
+            if np.isnan(values).all():
+                continue
+            mean = np.nanmean(values, axis=1) if len(folds) > 1 else values[:, 0]
+            axes.plot(epochs, mean, marker="o", markersize=3, color=colour, label=label)
+            if len(folds) > 1:
+                axes.fill_between(epochs, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=colour,
+                                  alpha=0.2, linewidth=0)
+        if selected_epochs:
+            _mark_selected(axes, [int(epoch) for epoch in selected_epochs], folds)
+        axes.set_title(title)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    loss_axes.legend(fontsize="small" if len(folds) > 1 else None)
-    acc_axes.legend(fontsize="small" if len(folds) > 1 else None)
-    figure.tight_layout()
-    save_figure(figure, path)
+    if len(folds) > 1:
+        figure.suptitle(f"{len(folds)} folds: line = mean over the folds, band = min to max")
+    handles = {}
+    for axes in panels:
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            handles.setdefault(label, handle)  # the selected-epoch mark is on every panel: one entry
+    marks = [label for label in handles if label.startswith("selected epoch")]
+    labels = [label for label in handles if label not in marks] + marks
+    figure.legend([handles[label] for label in labels], labels, loc="outside lower center", ncols=4,
+                  fontsize="small")
+    return figure
+
+
+def plot_training_curves(history: list[dict], path: str | os.PathLike,
+                         selected_epochs: Sequence[int] | None = None) -> None:
+    """``training_curves_figure`` as a PNG at ``path``."""
+    save_figure(training_curves_figure(history, selected_epochs), path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike) -> None:

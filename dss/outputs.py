@@ -4,7 +4,7 @@ Model dir: model.pth (dss.model's artifact; K members with --folds K) and config
 dir: metrics.json, metrics.csv, splits.csv, val_predictions.csv (with --folds K > 1 also
 oof_predictions.csv), test_predictions.csv (the submission) with predictions.csv (the same rows,
 readable: site, predicted class), and the plots drawn by dss.metrics and dss.diagnostics. Every file is written atomically through dss.fileio, and a training run's files
-are published together (``StagedFiles``, ``write_all_outputs``): a run that fails while writing
+are published together (``fileio.StagedFiles``, ``write_all_outputs``): a run that fails while writing
 its outputs leaves the previous run's files as they were.
 Also the fixed ``[METRICS]`` stdout line that SageMaker ``metric_definitions`` regexes parse.
 """
@@ -14,28 +14,33 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from dss import diagnostics, fileio, metrics, reporting
+from dss import diagnostics, fileio, metrics, previous_runs, reporting
 from dss import model as model_lib
 from dss.cli import log
 
 # Order of the per-epoch fields in metrics.csv and in metrics.json's "epochs" records.
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "val_acc", "lr",
-                "epoch_seconds", "train_images_per_s")
+                "epoch_seconds", "train_images_per_s", "val_logloss_calibrated")
 # Order of the fields on the stdout [METRICS] line (fixed: users' regexes depend on it).
-METRICS_LINE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_logloss")
+# val_logloss_calibrated (what the default --best-epoch-by compares) comes last, after the fields earlier
+# versions printed, so their regexes keep matching.
+METRICS_LINE_FIELDS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_logloss", "val_logloss_calibrated")
+# The run's objective on the final [METRICS] line, for a one-split and a K-fold run alike: the validation
+# (K > 1: out-of-fold) log loss of the probabilities the run serves, after temperature scaling when it is on.
+SERVED_METRIC = "served_val_logloss"
 # The submission (id, then one probability column per class) and its readable twin: these
-# columns, then the same probability columns.
+# columns, then the same probability columns. "status" is PREDICTED, or SKIPPED_STATUS + the reason
+# preprocess skipped the image (its probabilities are then the training class prior).
 TEST_PREDICTIONS = "test_predictions.csv"
 PREDICTIONS = "predictions.csv"
-PREDICTIONS_COLUMNS = ("id", "site", "predicted_class", "probability")
+PREDICTIONS_COLUMNS = ("id", "site", "predicted_class", "probability", "status")
+PREDICTED, SKIPPED_STATUS = "predicted", "skipped: "
 
 
 def metrics_line(record: dict) -> str:
@@ -44,12 +49,14 @@ def metrics_line(record: dict) -> str:
     return f"[METRICS] epoch={int(record['epoch'])} {values}"
 
 
-def best_metrics_line(best: dict) -> str:
-    """``[METRICS] best_epoch=7 best_val_loss=... best_val_acc=... best_val_logloss=...``, printed
-    once at the end: the value a SageMaker hyperparameter tuning job should minimise (its last
-    reported value is the run's best, not the last epoch's)."""
-    values = " ".join(f"best_{name}={float(best[name]):.4f}" for name in ("val_loss", "val_acc", "val_logloss"))
-    return f"[METRICS] best_epoch={int(best['epoch'])} {values}"
+def best_metrics_line(best: dict, served_logloss: float) -> str:
+    """``[METRICS] best_epoch=7 best_val_loss=... best_val_acc=... best_val_logloss=...
+    best_val_logloss_calibrated=... served_val_logloss=...``, printed once at the end;
+    ``served_val_logloss`` is what a SageMaker hyperparameter tuning job should minimise: the
+    validation log loss of the probabilities the run serves."""
+    names = ("val_loss", "val_acc", "val_logloss", "val_logloss_calibrated")
+    values = " ".join(f"best_{name}={float(best[name]):.4f}" for name in names)
+    return f"[METRICS] best_epoch={int(best['epoch'])} {values} {SERVED_METRIC}={served_logloss:.4f}"
 
 
 def _csv_text(header: Sequence[str], rows) -> str:
@@ -140,78 +147,6 @@ def assemble_test_predictions(ids: Sequence[str], probs: np.ndarray, order: Sequ
     return normalise_rows(out)
 
 
-# --------------------------------------------------------------------------- publishing a run's files
-class StagedFiles:
-    """A set of output files that replace their final names together, or not at all.
-
-    Writers write to ``stage.path(final)`` (``<final's folder>/.staging-<pid>/<name>``, through
-    dss.fileio as usual); ``publish()`` then ``os.replace``s every staged file onto its final name,
-    in the order the paths were asked for (put the file whose presence means "run complete" last),
-    after removing the names given to ``remove``. Used as a context manager, the staging folders
-    are deleted on exit, so a failure before ``publish()`` leaves the final names untouched.
-    """
-
-    def __init__(self):
-        self._staged: list[tuple[Path, Path]] = []  # (staged path, final path)
-        self._remove: list[Path] = []
-        self._folders: list[Path] = []
-
-    def __enter__(self) -> "StagedFiles":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.discard()
-
-    def path(self, final: str | os.PathLike) -> Path:
-        """Where to write the file that will become ``final``."""
-        final = Path(final)
-        if any(final == known for _, known in self._staged) or final in self._remove:
-            raise ValueError(f"{final} is staged twice")
-        staging = fileio.staging_folder(final.parent)
-        staging.mkdir(parents=True, exist_ok=True)
-        if staging not in self._folders:
-            self._folders.append(staging)
-        staged = staging / final.name
-        self._staged.append((staged, final))
-        return staged
-
-    def remove(self, final: str | os.PathLike) -> None:
-        """Delete ``final`` at publish time, if it exists (an output this run does not produce)."""
-        final = Path(final)
-        if any(final == known for _, known in self._staged):
-            raise ValueError(f"{final} is both staged and to be removed")
-        self._remove.append(final)
-
-    def publish(self) -> list[Path]:
-        """Move every staged file onto its final name; returns the paths removed as stale.
-
-        Every check that can fail is done before the first rename, so an error leaves all final
-        names as they were (renames within one folder do not fail short of a crash)."""
-        for staged, final in self._staged:
-            if not staged.is_file():
-                raise FileNotFoundError(f"{staged}: nothing was written for {final}")
-        for final in [final for _, final in self._staged] + self._remove:
-            if final.is_dir() and not final.is_symlink():
-                raise IsADirectoryError(f"{final} is a directory: cannot replace it with this run's file; "
-                                        "move it away and re-run")
-        removed = []
-        for final in self._remove:
-            if final.is_file() or final.is_symlink():
-                final.unlink()
-                removed.append(final)
-        for staged, final in self._staged:
-            os.replace(staged, final)
-        for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
-            fileio.fsync_folder(folder)
-        return removed
-
-    def discard(self) -> None:
-        """Delete the staging folders and whatever is still in them."""
-        for folder in self._folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._folders = []
-
-
 # --------------------------------------------------------------------------- a run's outputs
 def predictions_dir(model_dir: str | Path, data_dir: str | Path) -> Path:
     """--predict-only's default output folder: ``<model dir>/predictions/<data dir's name>``, one per
@@ -220,12 +155,15 @@ def predictions_dir(model_dir: str | Path, data_dir: str | Path) -> Path:
 
 
 def write_readable_predictions(path: str | Path, order: Sequence[str], sites: dict[str, str], probs: np.ndarray,
-                               class_names: Sequence[str]) -> None:
+                               class_names: Sequence[str], skipped_reasons: dict[str, str]) -> None:
     """predictions.csv: per image its id, site ('' where unknown), the most probable class and its
-    probability, then every class probability (the rows and values of the submission)."""
+    probability, its status ('predicted', or 'skipped: <reason>' for an id in ``skipped_reasons``,
+    whose row is the class prior), then every class probability (the rows and values of the submission)."""
     top = np.argmax(probs, axis=1)
+    status = [SKIPPED_STATUS + skipped_reasons[image_id] if image_id in skipped_reasons else PREDICTED
+              for image_id in order]
     columns = (list(order), [sites.get(image_id, "") for image_id in order], [class_names[k] for k in top],
-               [repr(float(probs[row, k])) for row, k in enumerate(top)])
+               [repr(float(probs[row, k])) for row, k in enumerate(top)], status)
     write_probabilities(path, dict(zip(PREDICTIONS_COLUMNS, columns)), probs, class_names)
 
 
@@ -242,7 +180,10 @@ def write_test_predictions(paths: tuple[Path, Path], data_dir: Path, test: dict,
     order = submission_row_order(test["ids"], csv_rows, skipped)
     table = assemble_test_predictions(test["ids"], probs, order, prior)
     write_probabilities(paths[0], {"id": order}, table, class_names)
-    write_readable_predictions(paths[1], order, dict(zip(test["ids"], test["sites"])), table, class_names)
+    # Skip entries carry the site from the features CSV (summaries of older preprocess runs do not: '').
+    sites = {entry["id"]: str(entry.get("site", "")) for entry in skipped} | dict(zip(test["ids"], test["sites"]))
+    write_readable_predictions(paths[1], order, sites, table, class_names,
+                               {entry["id"]: str(entry["reason"]) for entry in skipped})
     if skipped:
         log.info(f"warning: {len(skipped)} test image(s) skipped by preprocess got the training class prior: "
                  + ", ".join(f"{entry['id']} ({entry['reason']})" for entry in skipped[:10])
@@ -278,33 +219,45 @@ class RunResult:
     cv: dict | None                # metrics.json's "cv" (out-of-fold scores, dss.crossval.cv_record); None for K = 1
     top_losses: tuple              # (validation row indices, uint8 (k, H, W, 3) images), highest loss first
 
+    @property
+    def served_logloss(self) -> float:
+        """The validation (K > 1: out-of-fold) log loss of the probabilities the run serves: after
+        the fitted temperature when temperature scaling is on (what the epoch was chosen by with the
+        default --best-epoch-by), else as predicted. One number for K = 1 and K > 1 alike."""
+        return float(self.calibration["logloss_after"])
+
     def headline(self) -> dict:
         """The run's numbers to compare runs by (MLflow run metrics): the best epoch's validation
-        scores (best_epoch, best_val_*), or with --folds K > 1 the out-of-fold ones (cv_*)."""
-        if self.cv is not None:
+        scores (best_epoch, best_val_*), or with --folds K > 1 the out-of-fold ones (cv_*), and
+        ``served_val_logloss``, the same figure for both."""
+        if self.cv is not None:  # the cv_* fields first, as earlier versions printed them
             return {"cv_logloss": self.cv["logloss"], "cv_acc": self.cv["acc"],
-                    "cv_logloss_before_temperature": self.cv["logloss_before_temperature"]}
-        return {f"best_{name}": self.best[name] for name in ("epoch", "val_loss", "val_logloss", "val_acc")}
+                    "cv_logloss_before_temperature": self.cv["logloss_before_temperature"],
+                    SERVED_METRIC: self.served_logloss}
+        names = ("epoch", "val_loss", "val_logloss", "val_logloss_calibrated", "val_acc")
+        return {SERVED_METRIC: self.served_logloss, **{f"best_{name}": self.best[name] for name in names}}
 
     def metrics_line(self) -> str:
         """The final [METRICS] line: ``best_metrics_line``, or with --folds K > 1 the out-of-fold scores."""
         if self.cv is None:
-            return best_metrics_line(self.best)
+            return best_metrics_line(self.best, self.served_logloss)
         return "[METRICS] " + " ".join(f"{name}={value:.4f}" for name, value in self.headline().items())
 
     def summary(self) -> str:
         """The run's result in words, for the last log line."""
+        served = (f"served log loss {self.served_logloss:.4f}"
+                  + (" after temperature scaling" if self.calibration.get("temperature_scaling") else ""))
         if self.cv is None:
             return (f"best epoch {self.best['epoch']} (val_logloss {self.best['val_logloss']:.4f}, "
-                    f"val_acc {self.best['val_acc']:.4f})")
+                    f"val_acc {self.best['val_acc']:.4f}; {served})")
         return (f"{self.cv['folds']} folds, best epochs {self.best['fold_epochs']} (out-of-fold log loss "
-                f"{self.cv['logloss']:.4f}, accuracy {self.cv['acc']:.4f})")
+                f"{self.cv['logloss']:.4f}, accuracy {self.cv['acc']:.4f}; {served})")
 
 
 OOF_PREDICTIONS = "oof_predictions.csv"
 
 
-def write_validation_files(stage: StagedFiles, result: RunResult) -> None:
+def write_validation_files(stage: fileio.StagedFiles, result: RunResult) -> None:
     """splits.csv and val_predictions.csv (id, site, label, probabilities of the validation rows);
     with --folds K > 1 oof_predictions.csv (id, site, fold, label, probabilities of every labelled
     image, from the member that did not train on its fold), else an earlier run's one is removed."""
@@ -322,7 +275,7 @@ def write_validation_files(stage: StagedFiles, result: RunResult) -> None:
     write_probabilities(stage.path(folder / OOF_PREDICTIONS), oof_columns, result.best_val_probs, class_names)
 
 
-def write_diagnostics(stage: StagedFiles, result: RunResult) -> dict:
+def write_diagnostics(stage: fileio.StagedFiles, result: RunResult) -> dict:
     """Where the model fails, from the validation predictions as val_predictions.csv holds them:
     site_metrics.csv, calibration.png and top_losses.png (staged in the output dir). Returns
     metrics.json's "calibration" record with the ECE of those predictions ("ece")."""
@@ -338,13 +291,28 @@ def write_diagnostics(stage: StagedFiles, result: RunResult) -> dict:
     return {**result.calibration, "ece": ece}
 
 
-def write_all_outputs(result: RunResult) -> None:
+# Every file a training run leaves: in the model dir, and in the output dir. An earlier run's are
+# moved aside together (dss.previous_runs) before another run's are published.
+MODEL_FILES = (model_lib.MODEL_FILENAME, "config.json")
+OUTPUT_FILES = ("metrics.json", "metrics.csv", "splits.csv", "val_predictions.csv", OOF_PREDICTIONS, TEST_PREDICTIONS,
+                PREDICTIONS, "site_metrics.csv", "calibration.png", "top_losses.png", "training_curves.png",
+                "confusion_matrix.png")
+
+
+def members_bytes(members: list[dict]) -> int:
+    """Bytes of the members' tensors: about the size of model.pth."""
+    return sum(tensor.numel() * tensor.element_size() for member in members for tensor in member.values())
+
+
+def write_all_outputs(result: RunResult, keep_previous: int) -> None:
     """Every output, rendered into staging folders first and published together only when all of
-    them were written: a failure here leaves the previous run's files as they were."""
+    them were written: a failure here leaves the previous run's files as they were. Before they
+    are published, an earlier run with other settings or data moves into ``previous/``
+    (``dss.previous_runs``; the newest ``keep_previous`` kept there)."""
     model_dir, output_dir, class_names = result.model_dir, result.output_dir, result.class_names
     model_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with StagedFiles() as stage:
+    with fileio.StagedFiles() as stage:
         write_validation_files(stage, result)
         test_path, readable_path = output_dir / TEST_PREDICTIONS, output_dir / PREDICTIONS
         if result.test is not None:
@@ -360,15 +328,20 @@ def write_all_outputs(result: RunResult) -> None:
         extra = {"calibration": calibration_record, **({"cv": result.cv} if result.cv is not None else {})}
         write_metrics(stage.path(output_dir / "metrics.json"), stage.path(output_dir / "metrics.csv"),
                       result.history, result.best, test_summary, extra)
-        metrics.plot_training_curves(result.history, stage.path(output_dir / "training_curves.png"))
+        metrics.plot_training_curves(result.history, stage.path(output_dir / "training_curves.png"),
+                                     result.best.get("fold_epochs") or [result.best["epoch"]])
         metrics.plot_confusion_matrix(np.asarray(result.best["confusion_matrix"]), class_names,
                                       stage.path(output_dir / "confusion_matrix.png"))
         fileio.write_json(stage.path(model_dir / "config.json"), result.config)
         network = model_lib.build_model(len(class_names), "none", result.hyperparameters["arch"])
         network.load_state_dict(result.members[0])
+        log.info(f"writing {model_dir / model_lib.MODEL_FILENAME}: {len(result.members)} member(s), about "
+                 f"{members_bytes(result.members) / 1e6:.0f} MB")
         # model.pth staged (so published) last: its presence means the whole run succeeded.
         model_lib.save_model_artifact(stage.path(model_dir / model_lib.MODEL_FILENAME), network, class_names,
                                       result.preprocessing, result.hyperparameters, other_members=result.members[1:])
+        previous_runs.set_aside(model_dir, output_dir, result.config["run_key"], keep_previous, MODEL_FILES,
+                                OUTPUT_FILES)
         for removed in stage.publish():
             log.info(f"removed {removed} (from an earlier run; this data has no test split)")
     if result.test is not None:

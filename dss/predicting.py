@@ -10,6 +10,10 @@ A folder that already holds predictions is written only when its predictions_inf
 same model (sha256 of model.pth) and the same data (fingerprint of the test split): a re-run
 replaces its own outputs. Predictions of another model or other data, or prediction files without
 a record (a training run's submission), are replaced only with ``--overwrite``.
+
+The data may be stored at another size than the model's training data (``describe_image_sizes``):
+the images are resized to the network input as in training. Another resize policy or other class
+names cannot be made equal and are refused.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dss import checkpoint, dataset, engine, fileio, loader, outputs, threads, training, training_data
+from dss import checkpoint, dataset, engine, fileio, loader, outputs, stopping, threads, training, training_data
 from dss import model as model_lib
 from dss.cli import log
 
@@ -75,8 +79,27 @@ def check_output_dir(folder: Path, ours: dict, overwrite: bool) -> None:
         f"{_describe(ours)}. {advice}")
 
 
-def predict_only(settings: training.Settings) -> None:
-    """No training: write the predictions of the model in the model dir for the data dir's test split."""
+def describe_image_sizes(stored: int, preprocessing: dict, data_dir: Path) -> dict:
+    """predictions_info.json's "image_sizes" (px): the data's ``stored`` size, the model's training
+    data's (``model_stored``) and its ``network_input``. Every batch is resized to the network input
+    with ``loader.eval_transform``'s antialiased bilinear resize, as the training run's evaluation was,
+    so data stored at another size (the README's weekly --image-size 224) needs no re-run of
+    preprocess.py; one log line says so, and a warning when the images are upsampled."""
+    model_stored, network_input = int(preprocessing["stored_image_size"]), int(preprocessing["image_size"])
+    sizes = {"stored": stored, "model_stored": model_stored, "network_input": network_input,
+             "resized": stored != network_input, "upsampled": stored < network_input}
+    if stored != model_stored:
+        log.info(f"note: {data_dir} stores images at {stored} px, the model was trained on {model_stored} px: "
+                 f"resizing them to its {network_input} px input (antialiased bilinear, as its evaluation did)")
+    if stored != model_stored and sizes["upsampled"]:
+        log.info(f"warning: the {stored} px images are upsampled to {network_input} px, so they hold less detail "
+                 f"than the training images; preprocess.py --image-size {model_stored} gives the model what it saw")
+    return sizes
+
+
+def predict_only(settings: training.Settings, stop: stopping.StopFlag | None = None) -> None:
+    """No training: write the predictions of the model in the model dir for the data dir's test split
+    (``stop``: a SIGTERM or Ctrl-C ends the run before the predictions are written)."""
     device = training.resolve_device(settings.device)
     threads.apply(settings.num_threads)
     model_path = settings.model_dir / model_lib.MODEL_FILENAME
@@ -87,7 +110,8 @@ def predict_only(settings: training.Settings) -> None:
     test = dataset.load_split(settings.data_dir, "test")
     trained = {"image_shape": (int(preprocessing["stored_image_size"]),) * 2,
                "resize_policy": preprocessing.get("resize_policy"), "class_names": class_names}
-    training_data.check_agreement(test, trained, str(settings.data_dir), str(model_path))
+    training_data.check_agreement(test, trained, str(settings.data_dir), str(model_path), any_size=True)
+    image_sizes = describe_image_sizes(int(test["images"].shape[1]), preprocessing, settings.data_dir)
     folder = settings.output_dir
     record = made_by(model_path, test, settings.data_dir)
     check_output_dir(folder, record, settings.overwrite)
@@ -103,10 +127,13 @@ def predict_only(settings: training.Settings) -> None:
     probs = engine.predict_ensemble_probs(networks, loader.DeviceImages(test["images"], device), inference,
                                           temperature)
     prior = np.asarray(preprocessing.get("class_prior") or np.full(len(class_names), 1.0 / len(class_names)))
-    with outputs.StagedFiles() as stage:
+    if stop is not None:
+        stop.check("before writing the predictions", resumable=None)
+    with fileio.StagedFiles() as stage:
         paths = (stage.path(folder / outputs.TEST_PREDICTIONS), stage.path(folder / outputs.PREDICTIONS))
         summary = outputs.write_test_predictions(paths, settings.data_dir, test, probs, prior, class_names)
-        info = {**record, "tta": tta, "temperature": temperature, "members": len(networks), **summary}
+        info = {**record, "tta": tta, "temperature": temperature, "members": len(networks),
+                "image_sizes": image_sizes, **summary}
         fileio.write_json(stage.path(folder / INFO_FILENAME), info)
         stage.publish()
     log.info(f"predictions: {summary['num_images']} rows -> {folder / outputs.PREDICTIONS} "

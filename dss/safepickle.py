@@ -4,7 +4,11 @@ A pickle is a small program; ``pickle.load`` runs whatever callables it names. `
 resolves only the exact numpy reconstruction functions that arrays need (``_frombuffer`` for
 protocol 5, ``_reconstruct``/``scalar``/``dtype`` for older protocols, in both the numpy 1.x
 ``numpy.core`` and 2.x ``numpy._core`` spellings), each returned as a fresh wrapper so that a
-crafted BUILD opcode cannot change numpy itself, and refuses object dtypes. No read may ask for more
+crafted BUILD opcode cannot change numpy itself, and refuses object dtypes wherever a dtype can
+come from: at construction, at every BUILD (a dtype's state can turn a plain ``V8`` into one whose
+items are object pointers; an array's state carries its own dtype) and on the loaded result.
+BUILD is applied to a dtype as a fresh copy, so it can never change a dtype an array already uses
+(its item size, say), and arrays only take state from plain bytes. No read may ask for more
 bytes than the file holds, so a corrupt length field cannot make it allocate gigabytes.
 Failures raise ``pickle.UnpicklingError``; dss.dataset turns them into errors that name the file.
 """
@@ -19,11 +23,22 @@ from typing import Any
 import numpy as np
 
 
+# dtype.flags bits of items that are PyObject pointers (numpy's ndarraytypes.h): NPY_ITEM_HASOBJECT
+# 0x01, NPY_LIST_PICKLE 0x02, NPY_ITEM_IS_POINTER 0x04. No plain number/string/struct dtype has them.
+_OBJECT_FLAGS = 0x01 | 0x02 | 0x04
+
+
 def _checked_dtype(dtype: Any, where: str) -> np.dtype:
+    """``dtype`` when it and every field/subarray dtype inside it are plain (no object items)."""
     if not isinstance(dtype, np.dtype):
         raise pickle.UnpicklingError(f"forbidden: {where} got a non-dtype {type(dtype).__name__}")
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"forbidden: object dtype in {where} (arrays may only hold plain numbers/strings)")
+    if dtype.hasobject or dtype.flags & _OBJECT_FLAGS:
+        raise pickle.UnpicklingError(f"forbidden: object dtype {dtype!r} (flags {dtype.flags:#x}) in {where} "
+                                     "(arrays may only hold plain numbers/strings)")
+    for name, field in (dtype.fields or {}).items():
+        _checked_dtype(field[0] if isinstance(field, tuple) and field else field, f"{where}, field {name!r}")
+    if dtype.subdtype is not None:
+        _checked_dtype(dtype.subdtype[0], f"{where}, subarray")
     return dtype
 
 
@@ -39,7 +54,8 @@ def _make_dtype(obj, align=False, copy=False):
 def _frombuffer(buffer, dtype, shape, order):
     # numpy >= 1.x protocol-5 array reconstruction: (buffer, dtype, shape, order).
     _checked_dtype(dtype, "numpy _frombuffer")
-    if not isinstance(buffer, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
+    # Only bytes: a memoryview (READONLY_BUFFER) could view another array's memory.
+    if not isinstance(buffer, (bytes, bytearray)):
         raise pickle.UnpicklingError(f"forbidden: array buffer of type {type(buffer).__name__}")
     if order not in ("C", "F", "K", "A"):
         raise pickle.UnpicklingError(f"forbidden: array order {order!r}")
@@ -54,10 +70,14 @@ class _NdarrayToken:
 
 
 def _reconstruct(cls, shape, dtype_code):
-    # protocol <= 4 arrays: _reconstruct(ndarray, (0,), b'b') then BUILD with the real state.
+    # protocol <= 4 arrays: numpy always writes _reconstruct(ndarray, (0,), b'b'), then BUILD with the
+    # real state (checked in SafeUnpickler). Anything else would be an uninitialised or object array.
     if cls is not _NdarrayToken:
         raise pickle.UnpicklingError("forbidden: _reconstruct of a class other than numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+    if shape != (0,) or dtype_code not in (b"b", "b"):
+        raise pickle.UnpicklingError(f"forbidden: _reconstruct({shape!r}, {dtype_code!r}); numpy writes "
+                                     "_reconstruct(ndarray, (0,), b'b')")
+    return np.ndarray.__new__(np.ndarray, (0,), np.int8)
 
 
 def _scalar(dtype, data=None):
@@ -163,8 +183,74 @@ class SafeUnpickler(pickle._Unpickler):
                 raise pickle.UnpicklingError("pickle data was truncated inside a byte array")
         self.append(buffer)
 
+    def load(self):
+        loaded = super().load()
+        _check_loaded(loaded)
+        return loaded
+
+    def _load_build_checked(self):
+        # BUILD: the stack is [..., target, state]; only dtypes and arrays take state in a numpy pickle.
+        target, state = self.stack[-2], self.stack[-1]
+        if isinstance(target, np.dtype):
+            self.stack.pop()
+            self.stack[-1] = self._rebuilt_dtype(target, state)
+        elif type(target) is np.ndarray:
+            _check_array_state(state)
+            pickle._Unpickler.load_build(self)
+            _checked_dtype(target.dtype, "numpy array BUILD")
+        else:
+            raise pickle.UnpicklingError(f"forbidden: BUILD on {type(target).__name__} "
+                                         "(only numpy arrays and dtypes take state)")
+
+    def _rebuilt_dtype(self, dtype: np.dtype, state) -> np.dtype:
+        """``dtype`` with ``state`` applied to a fresh copy, checked, and put in its memo slots."""
+        code, align, _ = dtype.__reduce__()[1]
+        # A copy, not the instance: an array made earlier may share it, and a new item size or
+        # object flags must not reach that array's existing buffer.
+        fresh = np.dtype(code, align=bool(align), copy=True)
+        fresh.__setstate__(state)
+        _checked_dtype(fresh, "numpy dtype BUILD")
+        for key, value in self.memo.items():
+            if value is dtype:
+                self.memo[key] = fresh
+        return fresh
+
+    def _load_readonly_buffer(self):
+        raise pickle.UnpicklingError("forbidden: READONLY_BUFFER (out-of-band buffers are not used by dataset pickles)")
+
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8_bounded
+    dispatch[pickle.BUILD[0]] = _load_build_checked
+    dispatch[pickle.READONLY_BUFFER[0]] = _load_readonly_buffer
+
+
+def _check_array_state(state) -> None:
+    # ndarray.__setstate__ takes (version, shape, dtype, is_fortran, data) or the 4-tuple without the
+    # version; data is a list only for object arrays, whose items would be arbitrary pointers.
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise pickle.UnpicklingError(f"forbidden: numpy array state of type {type(state).__name__}")
+    _checked_dtype(state[-3], "numpy array state")
+    if not isinstance(state[-1], (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"forbidden: numpy array data of type {type(state[-1]).__name__}")
+
+
+def _check_loaded(loaded: Any) -> None:
+    """Every array, dtype and numpy scalar reachable through containers in ``loaded`` is plain."""
+    pending, seen = [loaded], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif isinstance(item, (np.ndarray, np.generic)):
+            _checked_dtype(item.dtype, f"loaded {type(item).__name__}")
+        elif isinstance(item, np.dtype):
+            _checked_dtype(item, "loaded dtype")
 
 
 def _remaining_size(file) -> int:

@@ -9,10 +9,12 @@ Requests (Content-Type):
     application/json                             ["<base64>", ...] or {"instances": ["<base64>", ...]}
                                                  (an item may also be {"b64": "<base64>"})
 
-Response (Accept: application/json, */* or none; any other Accept is a ValueError):
+Response (Accept: application/json, */* or none; any other Accept is a ValueError): its shape
+follows the request's, not the number of images:
 
-    one image        {"probabilities": {"<class>": p, ...}, "predicted_class": "<class>"}
-    several images   [{"probabilities": {...}, "predicted_class": "..."}, ...] in request order
+    raw image bytes  {"probabilities": {"<class>": p, ...}, "predicted_class": "<class>"}
+    a JSON list      [{"probabilities": {...}, "predicted_class": "..."}, ...] in request order,
+                     a list also for a list of one (["<base64>"] or {"instances": ["<base64>"]})
 
 The probabilities of one image sum to 1 (softmax, float64) and are keyed by every class name
 stored in the model artifact, in the artifact's class order.
@@ -28,7 +30,8 @@ artifact), then predicted by ``dss.engine.predict_ensemble_probs``, the same com
 the validation and test probabilities (``eval_transform`` to the network input size, mixed
 precision on GPUs, test-time flip averaging when the model was trained with ``--tta true``).
 The handler contract gives ``input_fn`` no access to the model, so ``input_fn`` only unpacks
-the request into image byte strings and checks they are JPEG/PNG; ``predict_fn``, which has
+the request into image byte strings (an ``ImageRequest``, which remembers whether the request
+was a list) and checks they are JPEG/PNG; ``predict_fn``, which has
 the model and therefore its stored preprocessing, decodes and resizes them.
 
 Device: the GPU the model server assigned to this worker (``context.system_properties["gpu_id"]``)
@@ -71,6 +74,14 @@ class ServedModel:
     tta: bool  # average with the horizontally flipped image, as the run's test predictions did
     normalisation: loader.Normalisation  # the network's input mean/std, from the artifact
     temperature: float  # the run's fitted temperature (1.0: none)
+
+
+@dataclass
+class ImageRequest:
+    """What ``input_fn`` returns: the request's images and whether they came as a JSON list."""
+
+    images: list[bytes]  # JPEG/PNG byte strings, in request order
+    is_list: bool  # a JSON list (even of one image): the response is a list too
 
 
 def _media_type(value: str | None) -> str:
@@ -137,15 +148,16 @@ def _decode_base64(item, where: str) -> bytes:
         raise ValueError(f"{where} is not valid base64 ({exc})") from exc
 
 
-def input_fn(request_body: bytes | str, request_content_type: str, context=None) -> list[bytes]:
-    """The request as a list of JPEG/PNG byte strings. Bad requests raise ValueError (a 4xx).
+def input_fn(request_body: bytes | str, request_content_type: str, context=None) -> ImageRequest:
+    """The request's JPEG/PNG byte strings; ``is_list`` for a JSON request (always a list).
+    Bad requests raise ValueError (a 4xx).
 
     The toolkit hands application/json bodies over already decoded to ``str``; bytes work too."""
     media_type = _media_type(request_content_type)
     if media_type in IMAGE_CONTENT_TYPES:
         if isinstance(request_body, str):
             raise ValueError(f"{media_type} request body must be bytes, got text")
-        return [_check_image_bytes(bytes(request_body), "request body")]
+        return ImageRequest([_check_image_bytes(bytes(request_body), "request body")], is_list=False)
     if media_type == JSON_CONTENT_TYPE:
         try:
             payload = json.loads(request_body)
@@ -157,8 +169,8 @@ def input_fn(request_body: bytes | str, request_content_type: str, context=None)
             payload = payload["instances"]
         if not isinstance(payload, list) or not payload:
             raise ValueError("JSON request must hold a non-empty list of base64 images")
-        return [_check_image_bytes(_decode_base64(item, f"instance {index}"), f"instance {index}")
-                for index, item in enumerate(payload)]
+        return ImageRequest([_check_image_bytes(_decode_base64(item, f"instance {index}"), f"instance {index}")
+                             for index, item in enumerate(payload)], is_list=True)
     raise ValueError(f"unsupported content type {request_content_type!r}; send one of "
                      f"{', '.join(IMAGE_CONTENT_TYPES + (JSON_CONTENT_TYPE,))}")
 
@@ -173,20 +185,22 @@ def decode_batch(image_bytes: list[bytes], image_size: int, resize_policy: str) 
     return batch
 
 
-def predict_fn(data: list[bytes], model: ServedModel, context=None) -> dict:
-    """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64}``,
-    rows in request order, from the shared ``engine.predict_ensemble_probs`` (the mean of the members)."""
-    pixels = decode_batch(data, model.image_size, model.resize_policy)
+def predict_fn(data: ImageRequest, model: ServedModel, context=None) -> dict:
+    """Class probabilities for ``input_fn``'s images: ``{"class_names": [...], "probs": (N, C) float64,
+    "is_list": bool}``, rows in request order, from the shared ``engine.predict_ensemble_probs`` (the
+    mean of the members); ``is_list`` is the request's, for ``output_fn``."""
+    pixels = decode_batch(data.images, model.image_size, model.resize_policy)
     how = engine.Inference(PREDICT_BATCH_SIZE, model.input_size, model.amp_dtype, tta=model.tta,
                            normalisation=model.normalisation)
     probs = engine.predict_ensemble_probs(model.networks, loader.DeviceImages(pixels, model.device), how,
                                           model.temperature)
-    return {"class_names": list(model.class_names), "probs": probs}
+    return {"class_names": list(model.class_names), "probs": probs, "is_list": data.is_list}
 
 
 def output_fn(prediction: dict, accept: str | None, context=None) -> str:
-    """JSON text: one image -> ``{"probabilities": {class: p, ...}, "predicted_class": name}``;
-    several -> a list of those in request order. Accept other than JSON/any is a ValueError."""
+    """JSON text: a list of ``{"probabilities": {class: p, ...}, "predicted_class": name}`` in request
+    order when the request was a list (``prediction["is_list"]``), even of one; else that one object.
+    Accept other than JSON/any is a ValueError."""
     media_type = _media_type(accept)
     if media_type not in ("", JSON_CONTENT_TYPE, ANY_CONTENT_TYPE):
         raise ValueError(f"unsupported accept type {accept!r}; this endpoint answers {JSON_CONTENT_TYPE}")
@@ -197,4 +211,8 @@ def output_fn(prediction: dict, accept: str | None, context=None) -> str:
     records = [{"probabilities": {name: float(p) for name, p in zip(names, row)},
                 "predicted_class": names[int(np.argmax(row))]}
                for row in probs]
-    return json.dumps(records[0] if len(records) == 1 else records)
+    if prediction["is_list"]:
+        return json.dumps(records)
+    if len(records) != 1:
+        raise ValueError(f"a request that is not a list has one image, got {len(records)} predictions")
+    return json.dumps(records[0])

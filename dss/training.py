@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dss import backbones, checkpoint, distributed, engine, fileio, loader, outputs, reporting, sagemaker, tracking
+from dss import backbones, checkpoint, distributed, engine, fileio, loader, outputs, previous_runs, reporting, sagemaker
+from dss import tracking
+from dss import training_args
 from dss import model as model_lib
 from dss.cli import log
 from dss.ema import WeightEMA
@@ -33,16 +35,6 @@ if TYPE_CHECKING:
 WEIGHTS_DOWNLOAD_TIMEOUT_S = 60.0
 # The signals that stop a run at the next step, as its messages name them.
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
-# The flags that decide what the weights become: a checkpoint made with other values cannot
-# continue this run (with the validation split's ``split_by``, they are the checkpoint
-# fingerprint's settings), and model.pth records them as its hyperparameters.
-RECIPE = ("epochs", "batch_size", "learning_rate", "optimizer", "weight_decay", "warmup_epochs", "label_smoothing",
-          "crop_scale", "ema_decay", "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by")
-# --best-epoch-by: the epoch record's field that chooses the best epoch (lowest wins).
-BEST_EPOCH_FIELDS = {"logloss": "val_logloss", "calibrated-logloss": "val_logloss_calibrated"}
-BEST_EPOCH_CHOICES = tuple(BEST_EPOCH_FIELDS)
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, no GPU when one was asked for...)."""
 
@@ -70,6 +62,16 @@ class TrainingInterrupted(Exception):
         return cls(f"{where}; {what}", signum)
 
     @classmethod
+    def after(cls, where: str, resumable: bool | None, signum: int | None) -> TrainingInterrupted:
+        """A stop that arrived outside the steps of an epoch, taken when ``where`` finished
+        (``resumable`` None: a --predict-only run, which writes nothing when stopped)."""
+        signum = signum or signal.SIGTERM  # a DDP rank stopped by another rank's signal
+        what = ("no predictions written" if resumable is None else
+                "re-run with the same --checkpoint-dir to resume" if resumable
+                else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"stopped by {SIGNAL_NAMES[signum]} {where}; {what}", signum)
+
+    @classmethod
     def at_once(cls, checkpoint_dir: str | None, predict_only: bool = False) -> TrainingInterrupted:
         """Ctrl-C outside the training loop, or a second Ctrl-C in it: the run stopped where it was."""
         what = ("no predictions written" if predict_only else
@@ -90,6 +92,7 @@ class Settings:
     output_dir: Path
     checkpoint_dir: Path | None
     keep_checkpoints: int
+    keep_previous: int
     epochs: int
     batch_size: int
     learning_rate: float
@@ -134,7 +137,11 @@ class Settings:
         checkpoint_dir = sagemaker.expand_job_name(args.checkpoint_dir or sagemaker.checkpoint_dir() or "")
         # --tta: on by default when training; predict-only follows the model unless told otherwise.
         tta = args.tta if args.tta is not None or args.predict_only else True
-        resolved = {"tta": tta, "data_dir": Path(data_dir), "model_dir": Path(model_dir),
+        if args.val_fraction is not None and args.folds > 1:
+            log.warning(f"warning: --val-fraction {args.val_fraction} is unused with --folds {args.folds}: "
+                        "every fold is validated once")
+        val_fraction = training_args.DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        resolved = {"tta": tta, "val_fraction": val_fraction, "data_dir": Path(data_dir), "model_dir": Path(model_dir),
                     "output_dir": Path(args.output_dir or sagemaker_output or local_output),
                     "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
         return cls(**{**vars(args), **resolved})
@@ -144,9 +151,14 @@ class Settings:
         tracking.TrackingError when it is asked for and mlflow is not installed."""
         return tracking.resolve(self.mlflow, self.mlflow_experiment, self.mlflow_log_model)
 
-    def recipe(self, split_by: str) -> dict:
-        """The ``RECIPE`` flags and the validation split's resolved ``split_by``."""
-        return {**{name: getattr(self, name) for name in RECIPE}, "split_by": split_by}
+    def recipe(self, resolved: dict) -> dict:
+        """Every setting that changes results (``training_args.result_settings()``), in the
+        parser's order, with the values this run resolved (``resolved``: e.g. split_by, image_size)."""
+        names = training_args.result_settings()
+        unknown = set(resolved) - set(names)
+        if unknown:
+            raise ValueError(f"not settings that change results: {sorted(unknown)}")
+        return {name: resolved.get(name, getattr(self, name)) for name in names}
 
     def flags(self) -> dict:
         """Every flag in the parser's order, paths as strings."""
@@ -154,13 +166,22 @@ class Settings:
         return {name: str(value) if isinstance(value, Path) else value for name, value in values.items()}
 
 
+def recipe(settings: Settings, data: TrainingData) -> dict:
+    """``settings.recipe`` with what the run resolved from the data and the machine: the split
+    (site or random), the network input size, the device type and how batches are drawn
+    (``data.batch_source``: streamed shard by shard, or from the whole split in memory)."""
+    return settings.recipe({"split_by": data.split_by, "image_size": data.input_size, "device": data.device.type,
+                            "data_in_memory": data.batch_source})
+
+
 def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: distributed.Context,
                            fold: dict | None = None) -> dict:
-    """What a checkpoint must have been made with to continue this run (``fold``: the member's
+    """What a checkpoint must have been made with to continue this run: the data, every setting
+    that changes results (``recipe``) and the precision (``fold``: the member's
     ``crossval.Fold.fingerprint()``, nothing for K = 1)."""
     fingerprint = {"dataset_sha256": data.sha256, "num_classes": data.num_classes, "class_names": data.class_names,
-                   "stored_image_size": data.stored_size, "image_size": data.input_size,
-                   **settings.recipe(data.split_by), **(fold or {})}
+                   "stored_image_size": data.stored_size, **recipe(settings, data),
+                   "precision": precision_name(context.device), **(fold or {})}
     if context.enabled:
         # Another process count draws other batches: its checkpoints cannot continue this run.
         fingerprint["world_size"] = context.world_size
@@ -196,8 +217,11 @@ class Schedule:
 def run_config(settings: Settings, data: TrainingData, context: distributed.Context, schedule: Schedule,
                resumed_from: Path | None) -> dict:
     """config.json: every flag (num_threads: the count in use, also when it was the default), then
-    what this run resolved from them (saved next to the model)."""
+    what this run resolved from them (saved next to the model), and the run's identity: ``run_key``
+    (the data and every setting that changes results; dss.previous_runs) and ``run_id``."""
+    key = previous_runs.run_key(data.sha256, recipe(settings, data))
     return {
+        "run_id": previous_runs.new_run_id(key), "run_key": key,
         **settings.flags(), "num_threads": torch.get_num_threads(),
         "split_by": data.split_by, "image_size": data.input_size, "stored_image_size": data.stored_size,
         "resize_policy": data.resize_policy, "device": str(context.device),
@@ -218,7 +242,7 @@ def start_tracking(tracker_settings: tracking.TrackingSettings, settings: Settin
     the data's fingerprint and preprocess counts as tags."""
     if not context.is_main:
         return tracking.RunTracker.disabled()
-    tracker = tracking.RunTracker.start(tracker_settings, run_name=settings.model_dir.name or "dss-train",
+    tracker = tracking.RunTracker.start(tracker_settings, run_name=run_name(settings, config["run_id"]),
                                         resume_run_id=state.tracking_run_id)
     tracker.interruptions = (TrainingInterrupted, KeyboardInterrupt)
     if not tracker.active:
@@ -233,6 +257,14 @@ def start_tracking(tracker_settings: tracking.TrackingSettings, settings: Settin
     tracker.set_tags({"data_sha256": data.sha256, "stored_image_size": data.stored_size,
                       **{f"preprocess.{name}": count for name, count in counts.items()}})
     return tracker
+
+
+def run_name(settings: Settings, run_id: str) -> str:
+    """The MLflow run's name, so ten runs into one model dir can be told apart: the model dir, the
+    main settings and the run id (start time), e.g. ``models resnet18 e10 lr0.001 b32 20261208-031502-ab12cd``."""
+    folds = f" k{settings.folds}" if settings.folds > 1 else ""
+    return (f"{settings.model_dir.name or 'dss-train'} {settings.arch} e{settings.epochs} lr{settings.learning_rate:g} "
+            f"b{settings.batch_size}{folds} {run_id}")
 
 
 # --------------------------------------------------------------------------- device, seeds, files

@@ -1,75 +1,118 @@
 """dss_train.py's flags, by group (paths, training, validation split, run, tracking): the help
-text users read. ``dss_train.build_parser`` puts them together; ``dss.training.Settings`` holds
-their values, field for field in this order.
+text users read, and for each flag whether it changes results. ``build_parser`` puts them
+together; ``dss.training.Settings`` holds their values, field for field in this order.
+
+One declaration per setting: every flag is added through ``_add``, which must be told whether the
+flag changes results (what the run learns, the epoch it keeps or the probabilities it serves).
+``result_settings()`` lists those flags; the checkpoint fingerprint and model.pth's
+hyperparameters are derived from it (``Settings.recipe``), so a new flag cannot be left out of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
-from dss import backbones, cli, engine, split, streaming, tracking, training
+from dss import backbones, cli, engine, sagemaker, split, streaming, tracking
+
+# --best-epoch-by: the epoch record's field that chooses the best epoch (lowest wins).
+BEST_EPOCH_FIELDS = {"logloss": "val_logloss", "calibrated-logloss": "val_logloss_calibrated"}
+BEST_EPOCH_CHOICES = tuple(BEST_EPOCH_FIELDS)
+# --val-fraction when not given (it is None then, so a K-fold run can say it is unused).
+DEFAULT_VAL_FRACTION = 0.25
+# Earlier runs kept in <model dir>/previous/ when a run with other settings or data replaces them.
+DEFAULT_KEEP_PREVIOUS = 5
+
+
+def _add(group, flag: str, changes_results: bool, **kwargs) -> argparse.Action:
+    """``group.add_argument(flag, **kwargs)``, marked with whether the flag changes results."""
+    action = group.add_argument(flag, **kwargs)
+    action.changes_results = changes_results
+    return action
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """dss_train.py's parser: SageMaker's conventions (dss.sagemaker), every group below."""
+    parser = sagemaker.ArgumentParser(
+        description="Fine-tune a torchvision network on preprocess.py pickles (also the SageMaker entry point).",
+        formatter_class=cli.HelpFormatter, allow_abbrev=False)
+    for add_group in (add_path_arguments, add_training_arguments, add_run_arguments, add_tracking_arguments):
+        add_group(parser)
+    return parser
+
+
+@functools.cache
+def result_settings() -> tuple[str, ...]:
+    """The settings (``Settings`` field names, in the parser's order) whose flags change results."""
+    actions = [action for action in build_parser()._actions if action.dest != "help"]
+    return tuple(action.dest for action in actions if action.changes_results)
 
 
 def add_path_arguments(parser: argparse.ArgumentParser) -> None:
     paths = parser.add_argument_group("paths")
-    paths.add_argument("--data-dir", default=None,
+    _add(paths, "--data-dir", False, default=None,
                        help="folder with train_data.pkl/test_data.pkl (or their shards) "
                             "[default: $SM_CHANNEL_TRAINING, else $SM_CHANNEL_TRAIN, else ./output]")
-    paths.add_argument("--model-dir", default=None,
+    _add(paths, "--model-dir", False, default=None,
                        help="where model.pth and config.json go [default: $SM_MODEL_DIR, else ./models]")
-    paths.add_argument("--output-dir", default=None,
+    _add(paths, "--output-dir", False, default=None,
                        help="where metrics, predictions and plots go [default: $SM_OUTPUT_DATA_DIR under SageMaker, "
                             "else the model dir; with --predict-only <model dir>/predictions/<data dir name>]")
-    paths.add_argument("--checkpoint-dir", default=None,
+    _add(paths, "--checkpoint-dir", False, default=None,
                        help="resume from / save per-epoch checkpoints here; {job_name} becomes the SageMaker "
                             "training job's name [default: none locally; /opt/ml/checkpoints under SageMaker]")
-    paths.add_argument("--keep-checkpoints", type=cli.positive_int, default=1,
+    _add(paths, "--keep-checkpoints", False, type=cli.positive_int, default=1,
                        help="checkpoints kept in --checkpoint-dir: the newest N, plus the one being written until it "
                             "is complete. Each holds the weights, the best epoch's weights and the optimizer state: "
                             "about 224 MB for ResNet18 with adamw and the EMA (179 MB with --ema-decay 0, 45 MB less "
                             "with sgd)")
+    _add(paths, "--keep-previous", False, type=cli.non_negative_int, default=DEFAULT_KEEP_PREVIOUS,
+         help="a run with other settings or data moves the earlier run's model and outputs into "
+              "<model dir>/previous/<its run id>/ (and <output dir>/previous/ when apart); keep the newest N there "
+              "(0: keep none, the earlier run is deleted)")
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=cli.positive_int, default=10, help="passes over the training split")
-    train.add_argument("--batch-size", type=cli.positive_int, default=32,
+    _add(train, "--epochs", True, type=cli.positive_int, default=10, help="passes over the training split")
+    _add(train, "--batch-size", True, type=cli.positive_int, default=32,
                        help="training images per optimizer step (on a GPU use 256 or more for throughput)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate after warm-up")
-    train.add_argument("--optimizer", choices=engine.OPTIMIZERS, default="adamw", help="optimizer")
-    train.add_argument("--weight-decay", type=float, default=0.01, help="weight decay (decoupled for adamw)")
-    train.add_argument("--warmup-epochs", type=float, default=0.5,
+    _add(train, "--learning-rate", True, type=float, default=1e-3, help="peak learning rate after warm-up")
+    _add(train, "--optimizer", True, choices=engine.OPTIMIZERS, default="adamw", help="optimizer")
+    _add(train, "--weight-decay", True, type=float, default=0.01, help="weight decay (decoupled for adamw)")
+    _add(train, "--warmup-epochs", True, type=float, default=0.5,
                        help="epochs of linear learning-rate warm-up before the cosine decay (may be fractional)")
-    train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss, 0..1")
-    train.add_argument("--crop-scale", type=cli.area_share, default=1.0,
+    _add(train, "--label-smoothing", True, type=float, default=0.0, help="label smoothing of the loss, 0..1")
+    _add(train, "--crop-scale", True, type=cli.area_share, default=1.0,
                        help="random resized crops of training images cover this share of the frame's area up to "
                             "all of it (aspect 3/4..4/3); 1 = no crops, only flips and colour jitter")
-    train.add_argument("--ema-decay", type=cli.decay, default=0.999,
+    _add(train, "--ema-decay", True, type=cli.decay, default=0.999,
                        help="average of the weights over steps, evaluated and saved instead of them (0: off)")
-    train.add_argument("--class-weights", choices=("none", "balanced"), default="none",
+    _add(train, "--class-weights", True, choices=("none", "balanced"), default="none",
                        help="'balanced' weights the loss by inverse class frequency")
-    train.add_argument("--patience", type=cli.non_negative_int, default=0,
+    _add(train, "--patience", True, type=cli.non_negative_int, default=0,
                        help="stop after this many epochs without a better best epoch (0 = never)")
-    train.add_argument("--best-epoch-by", choices=training.BEST_EPOCH_CHOICES, default="calibrated-logloss",
+    _add(train, "--best-epoch-by", True, choices=BEST_EPOCH_CHOICES, default="calibrated-logloss",
                        help="the epoch kept: lowest validation log loss ('logloss'), or lowest log loss after "
                             "a temperature fitted on that epoch's validation logits ('calibrated-logloss': the "
                             "predictions temperature scaling delivers)")
-    train.add_argument("--arch", choices=backbones.ARCHITECTURES, default=backbones.DEFAULT_ARCH,
+    _add(train, "--arch", True, choices=backbones.ARCHITECTURES, default=backbones.DEFAULT_ARCH,
                        help="network: a torchvision model with its own ImageNet weights, normalisation, new head")
-    train.add_argument("--weights", default="imagenet",
+    _add(train, "--weights", True, default="imagenet",
                        help="initial weights: 'imagenet' (torchvision download/cache), 'none' (random) "
                             "or a PATH to a state dict / model.pth")
-    train.add_argument("--image-size", type=cli.image_size, default=None,
+    _add(train, "--image-size", True, type=cli.image_size, default=None,
                        help=f"network input size in px, at least {cli.MIN_IMAGE_SIZE} [default: the size stored in "
                             "the pickles]")
-    train.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and batches")
+    _add(train, "--seed", True, type=int, default=0, help="seed for the split, initialisation and batches")
     split_group = parser.add_argument_group("validation split")
-    split_group.add_argument("--val-fraction", type=cli.fraction, default=0.25,
-                             help="share of the labelled images held out for validation")
-    split_group.add_argument("--split-by", choices=split.SPLIT_CHOICES, default=None,
+    _add(split_group, "--val-fraction", True, type=cli.fraction, default=None,
+         help=f"share of the labelled images held out for validation [default: {DEFAULT_VAL_FRACTION}; "
+              "unused with --folds K > 1]")
+    _add(split_group, "--split-by", True, choices=split.SPLIT_CHOICES, default=None,
                              help="'site' keeps every camera site on one side (what the test set needs); "
                                   "[default: site when the data has sites, else random]")
-    split_group.add_argument("--folds", type=cli.positive_int, default=1,
+    _add(split_group, "--folds", True, type=cli.positive_int, default=1,
                              help="K > 1: train K models on K folds grouped by site (by --split-by), score every "
                                   "labelled image out of fold (oof_predictions.csv, metrics.json 'cv') and predict the "
                                   "test set with their mean; --val-fraction is then unused. 1: one validation split")
@@ -77,41 +120,41 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
-    run.add_argument("--predict-only", type=cli.str2bool, nargs="?", const=True, default=False,
+    _add(run, "--predict-only", False, type=cli.str2bool, nargs="?", const=True, default=False,
                      help="no training: load model.pth from --model-dir and write predictions.csv and "
                           "test_predictions.csv for --data-dir into --output-dir (true/false; the flag alone means true)")
-    run.add_argument("--overwrite", type=cli.str2bool, nargs="?", const=True, default=False,
+    _add(run, "--overwrite", False, type=cli.str2bool, nargs="?", const=True, default=False,
                      help="let --predict-only replace predictions in --output-dir that another model or other data "
                           "made (a re-run of the same model on the same data replaces its own without it)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    _add(run, "--device", True, choices=("auto", "cpu", "cuda"), default="auto",
                      help="'auto' uses the GPU when there is one")
-    run.add_argument("--compile", type=cli.str2bool, default=False,
+    _add(run, "--compile", False, type=cli.str2bool, default=False,
                      help="torch.compile the model (true/false; ~20 s compile, faster epochs on GPU)")
-    run.add_argument("--tta", type=cli.str2bool, default=None, metavar="{true,false}",
+    _add(run, "--tta", True, type=cli.str2bool, default=None, metavar="{true,false}",
                      help="average predictions over the image and its horizontal flip [default: true when training; "
                           "with --predict-only, as the model was trained]")
-    run.add_argument("--temperature-scaling", type=cli.str2bool, default=True,
+    _add(run, "--temperature-scaling", True, type=cli.str2bool, default=True,
                      help="fit a temperature on the best epoch's validation logits (after TTA); applied to val/test "
                           "probabilities, stored in model.pth (true/false)")
-    run.add_argument("--data-in-memory", choices=streaming.MEMORY_MODES, default="auto",
+    _add(run, "--data-in-memory", True, choices=streaming.MEMORY_MODES, default="auto",
                      help="where the images live while training: 'device' (all on the GPU; pinned host memory "
                           "when they do not fit), 'host' (pinned host memory, batches copied), 'stream' (read "
                           "shard by shard from --data-dir with double buffering: data bigger than memory); "
                           f"'auto' streams when the train pickles exceed {streaming.HOST_MEMORY_SHARE * 100:.0f}%% "
                           "of the available host memory, else 'device'")
-    run.add_argument("--eval-batch-size", type=cli.positive_int, default=256,
+    _add(run, "--eval-batch-size", False, type=cli.positive_int, default=256,
                      help="images per forward pass when evaluating and predicting")
-    run.add_argument("--num-threads", type=cli.positive_int, default=None,
+    _add(run, "--num-threads", False, type=cli.positive_int, default=None,
                      help="CPU threads for torch; give 1 or 2 to leave CPUs to other heavy work [default: the CPUs "
                           "this process may use (affinity mask, cgroup quota), at most torch's own count]")
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tracking (MLflow, optional: pip install -r requirements-mlflow.txt)")
-    group.add_argument("--mlflow", type=cli.str2bool, default=None, metavar="{true,false}",
+    _add(group, "--mlflow", False, type=cli.str2bool, default=None, metavar="{true,false}",
                        help="log this run to MLflow [default: when MLFLOW_TRACKING_URI is set or "
                             "--mlflow-experiment is given]")
-    group.add_argument("--mlflow-experiment", default=None, metavar="NAME",
+    _add(group, "--mlflow-experiment", False, default=None, metavar="NAME",
                        help=f"MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME, else {tracking.DEFAULT_EXPERIMENT}]")
-    group.add_argument("--mlflow-log-model", type=cli.str2bool, default=False, metavar="{true,false}",
+    _add(group, "--mlflow-log-model", False, type=cli.str2bool, default=False, metavar="{true,false}",
                        help="also upload model.pth to MLflow (about 45 MB for ResNet18)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dss import checkpoint, cli, dataset, loader, split, streaming
+from dss import checkpoint, cli, dataset, loader, reporting, split, streaming
 from dss.cli import log
 from dss.training import Settings
 
@@ -32,13 +32,15 @@ def _px(shape: tuple[int, int]) -> str:
     return f"{shape[0]} px" if shape[0] == shape[1] else f"{shape[0]}x{shape[1]} px"
 
 
-def check_agreement(data: dict, expected: dict, source: str, reference: str) -> None:
+def check_agreement(data: dict, expected: dict, source: str, reference: str, any_size: bool = False) -> None:
     """Refuse the split ``data`` (read from ``source``) when it was preprocessed otherwise than
     ``expected`` (``preprocessing_of`` the split or model named ``reference``) says: another
     image size, resize policy or class list would give silently wrong predictions. An unlabelled
-    split without class names, or a pickle without a resize policy, passes on those points."""
+    split without class names, or a pickle without a resize policy, passes on those points.
+    ``any_size``: another stored size passes (--predict-only resizes it to the network input, as
+    the training run's evaluation resized its own)."""
     seen, problems = preprocessing_of(data), []
-    if seen["image_shape"] != tuple(expected["image_shape"]):
+    if not any_size and seen["image_shape"] != tuple(expected["image_shape"]):
         problems.append(f"images are stored at {_px(seen['image_shape'])} but {reference} has "
                         f"{_px(expected['image_shape'])} images (re-run preprocess.py with --image-size "
                         f"{expected['image_shape'][0]})")
@@ -51,15 +53,44 @@ def check_agreement(data: dict, expected: dict, source: str, reference: str) -> 
 
 
 def fingerprint(data: dict) -> str:
-    """sha256 identifying a train split for checkpoints. A streamed split's pixels were hashed
-    shard by shard while scanning, so its fingerprint differs from the loaded split's (a checkpoint
-    is resumed in the memory mode that wrote it)."""
+    """sha256 identifying a train split for checkpoints, the same whether its images are loaded or
+    streamed (a resume must not depend on free memory): the pixels hashed in row order (a streamed
+    split's were hashed shard by shard while scanning), then shape, ids, labels, class names, sites."""
     images = data["images"]
     if isinstance(images, streaming.ShardedImages):
-        empty = np.zeros((0, images.height, images.width, 3), dtype=np.uint8)
-        rest = checkpoint.dataset_fingerprint(empty, data["ids"], data["labels"], data["class_names"], data["sites"])
-        return hashlib.sha256(f"stream:{data['images_sha256']}:{rest}".encode()).hexdigest()
-    return checkpoint.dataset_fingerprint(images, data["ids"], data["labels"], data["class_names"], data["sites"])
+        pixels, (height, width) = data["images_sha256"], (images.height, images.width)
+    else:
+        pixels, (height, width) = hashlib.sha256(memoryview(np.ascontiguousarray(images).reshape(-1))).hexdigest(), \
+            images.shape[1:3]
+    empty = np.zeros((0, height, width, 3), dtype=np.uint8)
+    rest = checkpoint.dataset_fingerprint(empty, data["ids"], data["labels"], data["class_names"], data["sites"])
+    return hashlib.sha256(f"pixels:{pixels}:{rest}".encode()).hexdigest()
+
+
+def choose_memory_mode(requested: str, split_bytes: int, checkpoint_dir: Path | None) -> str:
+    """--data-in-memory resolved: with 'auto', a run resuming from checkpoints keeps the memory
+    mode they were made with (streamed data draws batches in another order), else
+    ``streaming.choose_memory_mode`` decides from the free host memory."""
+    chosen = streaming.choose_memory_mode(requested, split_bytes)
+    saved = checkpoint.saved_setting(checkpoint_dir, "data_in_memory") if requested == "auto" else None
+    if saved == "stream" and chosen != "stream":
+        log.info("images in memory: stream, as the checkpoints in --checkpoint-dir were made (their batch order)")
+        return "stream"
+    if saved == "memory" and chosen == "stream":
+        log.info("images in memory: device, as the checkpoints in --checkpoint-dir were made (their batch order), "
+                 "although free host memory is short for it now")
+        return "device"
+    return chosen
+
+
+def check_summaries(data_dir: Path) -> None:
+    """Read preprocess's summaries now, before any training: the outputs need the images it
+    skipped, and an unreadable summary found at the end would cost the whole run."""
+    try:
+        reporting.read_skipped_test_ids(data_dir)
+        reporting.read_split_counts(data_dir)
+    except ValueError as exc:
+        raise dataset.DatasetError(str(exc)) from exc
 
 
 def choose_split_by(requested: str | None, sites: list[str]) -> str:
@@ -163,6 +194,12 @@ class TrainingData:
         return str(self.train["info"].get("resize_policy", "squash"))
 
     @property
+    def batch_source(self) -> str:
+        """Where training batches are drawn from, which decides their order: 'stream' (shard by
+        shard) or 'memory' (the whole split; --data-in-memory device and host draw alike)."""
+        return "stream" if self.memory_mode == "stream" else "memory"
+
+    @property
     def prior(self) -> np.ndarray:
         """float64 (C,): each class's share of the labelled training images (the prediction for a
         test image preprocess skipped)."""
@@ -214,7 +251,8 @@ def load(settings: Settings, device: torch.device) -> TrainingData:
     (``split_by``, ``val_fraction``, ``seed``). Logs what it found."""
     data_dir = settings.data_dir
     split_bytes = sum(path.stat().st_size for path in _train_files(data_dir))
-    memory_mode = streaming.choose_memory_mode(settings.data_in_memory, split_bytes)
+    check_summaries(data_dir)
+    memory_mode = choose_memory_mode(settings.data_in_memory, split_bytes, settings.checkpoint_dir)
     streamed = memory_mode == "stream"
     train = _read_split(data_dir, "train", streamed)
     if train["labels"] is None:
@@ -229,6 +267,9 @@ def load(settings: Settings, device: torch.device) -> TrainingData:
              f"images in memory: {memory_mode} (train pickles {split_bytes / 2**20:.1f} MiB)")
     sha256 = fingerprint(train)
     split_by = choose_split_by(settings.split_by, train["sites"])
-    is_val = split.make_split(train["labels"], train["sites"], settings.val_fraction, settings.seed, split_by)
-    log.info(f"split by {split_by}: {int((~is_val).sum())} train / {int(is_val.sum())} validation images")
+    if settings.folds > 1:  # the folds are made (and logged) by crossval.plan; no single split
+        is_val = np.zeros(len(train["labels"]), dtype=bool)
+    else:
+        is_val = split.make_split(train["labels"], train["sites"], settings.val_fraction, settings.seed, split_by)
+        log.info(f"split by {split_by}: {int((~is_val).sum())} train / {int(is_val.sum())} validation images")
     return TrainingData(train, test, memory_mode, device, input_size, split_by, is_val, sha256)

@@ -224,3 +224,51 @@ def test_e7_numpy1_spellings_load(tmp_path):
     assert np.array_equal(loaded["images"], data["images"])
     opcodes = {op.name for op, _, _ in pickletools.genops(io.BytesIO(legacy))}
     assert "GLOBAL" in opcodes or "STACK_GLOBAL" in opcodes
+
+
+# Hand-crafted opcodes of the fuzz corpus (bench/fuzz.py): numpy.dtype('V8', False, True) whose BUILD
+# state (3, '|', None, None, None, 8, 1, flags) sets NPY_ITEM_HASOBJECT, inside _reconstruct + BUILD.
+def _protocol3(ops: bytes) -> bytes:
+    payload = pickle.PROTO + b"\x03" + ops + pickle.STOP
+    pickletools.dis(payload, out=io.StringIO())  # a well-formed opcode stream
+    return payload
+
+
+@pytest.mark.parametrize("module", ["numpy._core.multiarray", "numpy.core.multiarray"])
+def test_e4_void_dtype_given_object_flags_by_build_is_refused(module):
+    from bench import fuzz
+    from dss.safepickle import SafeUnpickler
+
+    payload = _protocol3(fuzz.object_array_ops(module))
+    assert pickle.loads(payload).dtype.hasobject  # what the plain unpickler builds: an object array
+    with pytest.raises(pickle.UnpicklingError, match=r"forbidden: object dtype dtype\('V8'\) \(flags 0x1\)"):
+        SafeUnpickler(io.BytesIO(payload)).load()
+    dtype_only = _protocol3(fuzz.dtype_ops("V8", 8, 0x01))
+    assert pickle.loads(dtype_only).hasobject
+    with pytest.raises(pickle.UnpicklingError, match="forbidden: object dtype.*dtype BUILD"):
+        SafeUnpickler(io.BytesIO(dtype_only)).load()
+
+
+def test_e4_build_never_changes_a_dtype_an_array_already_uses():
+    from bench import fuzz
+    from dss.safepickle import SafeUnpickler
+
+    payload = _protocol3(fuzz.regrown_dtype_ops())
+    assert pickle.loads(payload).nbytes == 16 * 4096  # plain pickle: 64 KiB read from a 16-byte buffer
+    array = SafeUnpickler(io.BytesIO(payload)).load()
+    assert array.dtype == np.dtype("V1") and array.nbytes == 16
+
+
+@pytest.mark.parametrize("ops, refused", [
+    # _reconstruct(ndarray, (4096,), b'b'): an uninitialised array, where numpy writes (0,), b'b'.
+    (b"cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\nM\x00\x10\x85C\x01b\x87R", r"_reconstruct\(\(4096,\)"),
+    # READONLY_BUFFER over bytes: a memoryview that _frombuffer would accept as an array's memory.
+    (b"C\x04abcd\x98", "READONLY_BUFFER"),
+    # BUILD on something other than an array or dtype (a list).
+    (b"]}b", "BUILD on list"),
+])
+def test_e4_only_the_opcodes_numpy_writes_build_arrays(ops, refused):
+    from dss.safepickle import SafeUnpickler
+
+    with pytest.raises(pickle.UnpicklingError, match=refused):
+        SafeUnpickler(io.BytesIO(_protocol3(ops))).load()

@@ -159,3 +159,62 @@ def test_eval_transform_normalises_and_resizes():
     flat = torch.full((1, 3, 16, 16), 77, dtype=torch.uint8)
     np.testing.assert_allclose(eval_transform(flat, 8).numpy(), normalise_reference(np.full((1, 8, 8, 3), 77)),
                                atol=1e-5)
+
+
+NO_JITTER = dict(grey_p=0.0, brightness=0.0, contrast=0.0)
+
+
+def full_frame_augments(out_size: int, flip_p: float) -> list[GpuAugment]:
+    """Both resampling paths of GpuAugment set to the whole frame: the no-crop configuration
+    (--crop-scale 1) and the random-crop one with draws that pick the whole frame (u_area = 1)."""
+    return [GpuAugment(out_size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=flip_p, **NO_JITTER),
+            GpuAugment(out_size, scale=(0.6, 1.0), ratio=(1.0, 1.0), flip_p=flip_p, **NO_JITTER)]
+
+
+def whole_frame_draws(count: int) -> torch.Tensor:
+    draws = torch.full((count, GpuAugment.NUM_DRAWS), 0.5)
+    draws[:, 0] = 1.0                                          # area share 1: the crop is the frame
+    return draws
+
+
+@pytest.mark.parametrize("stored, out", [(96, 64), (16, 16), (24, 40)])
+def test_identity_augment_equals_eval_transform(stored, out):
+    """With no flip, jitter or crop the training input is the evaluation/serving input."""
+    batch = torch.from_numpy(random_images(3, stored, seed=4)).permute(0, 3, 1, 2)
+    reference = eval_transform(batch, out)
+    for flip_p, expected in ((0.0, reference), (1.0, reference.flip(3))):
+        for augment in full_frame_augments(out, flip_p):
+            out_images = augment.apply(batch, whole_frame_draws(3))
+            assert out_images.shape == (3, 3, out, out) and out_images.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(out_images, expected, atol=1e-4, rtol=0)
+
+
+def checkerboard(size: int) -> torch.Tensor:
+    """uint8 (1, 3, size, size) of alternating 0/255 pixels: all energy at the highest frequency."""
+    board = ((np.add.outer(np.arange(size), np.arange(size)) % 2) * 255).astype(np.uint8)
+    return torch.from_numpy(np.repeat(board[None, :, :, None], 3, axis=3)).permute(0, 3, 1, 2)
+
+
+def test_training_and_serving_resample_a_fine_pattern_alike():
+    """A 1-px checkerboard stored at 384 px, fed at 224 px: without antialiasing it aliases into
+    coarse stripes; training must see the same smooth grey as evaluation and serving."""
+    batch = checkerboard(384)
+    reference = eval_transform(batch, 224)
+    for augment in full_frame_augments(224, flip_p=0.0):
+        torch.testing.assert_close(augment.apply(batch, whole_frame_draws(1)), reference, atol=1e-4, rtol=0)
+
+
+def test_random_crops_are_resampled_with_the_eval_filter():
+    """A crop of half the side (48 of 96 px at offset 24) to 16 px equals eval_transform of that crop,
+    but at its border, where the crop's filter reads the real pixels beyond the crop."""
+    batch = torch.from_numpy(random_images(2, 96, seed=5)).permute(0, 3, 1, 2)
+    augment = GpuAugment(16, scale=(0.25, 0.25), ratio=(1.0, 1.0), flip_p=0.0, **NO_JITTER)
+    out = augment.apply(batch, torch.full((2, GpuAugment.NUM_DRAWS), 0.5))
+    reference = eval_transform(batch[:, :, 24:72, 24:72].contiguous(), 16)
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-4, rtol=0)
+    # And a crop of a fine pattern is smooth, as eval_transform makes it (no aliasing in the crops).
+    crops = GpuAugment(224, scale=(0.6, 1.0), **NO_JITTER).apply(checkerboard(384).expand(4, -1, -1, -1),
+                                                                  GpuAugment(224).draw(4, generator(3)))
+    smooth = eval_transform(checkerboard(384), 224)
+    # Per-crop spread of the grey (normalised units): ~0.15 like eval_transform's, ~0.75 when aliased.
+    assert crops.std(dim=(1, 2, 3)).max() < 1.5 * smooth.std()

@@ -101,15 +101,15 @@ def test_a_hyperparameter_tuning_job_keeps_its_checkpoints_apart_and_reports_its
     ``checkpoint-dir`` with ``{job_name}``, so jobs sharing one checkpoint_s3_uri never meet."""
     checkpoints = tmp_path / "checkpoints"
     hyperparameters = {"epochs": 1, "batch-size": 16, "weights": "none", "num-threads": 1,
-                       "checkpoint-dir": str(checkpoints / "{job_name}"), "_tuning_objective_metric": "best_val_logloss"}
+                       "checkpoint-dir": str(checkpoints / "{job_name}"), "_tuning_objective_metric": "served_val_logloss"}
     base = _job_tree(tmp_path, demo_pickles, hyperparameters)
     result = _run_toolkit(base, checkpoints, TRAINING_JOB_NAME="tuning-1-007-abc")  # as SageMaker sets it
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert list((checkpoints / "tuning-1-007-abc").glob("ckpt-*.pt"))
-    best = json.loads((base / "output" / "data" / "metrics.json").read_text())["best"]
-    objective = re.findall(r"\[METRICS\] .*\bbest_val_logloss=([0-9.]+)", output)
-    assert objective and float(objective[-1]) == pytest.approx(best["val_logloss"], abs=1e-4)
+    served = json.loads((base / "output" / "data" / "metrics.json").read_text())["calibration"]["logloss_after"]
+    objective = re.findall(r"\[METRICS\] .*\bserved_val_logloss=([0-9.]+)", output)  # docs/sagemaker.md's regex
+    assert objective and float(objective[-1]) == pytest.approx(served, abs=1e-4)
 
 
 def test_job_name_in_the_checkpoint_dir_needs_a_training_job(tmp_path):

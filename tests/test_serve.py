@@ -200,6 +200,36 @@ def test_json_batch_of_base64_images_returns_a_list_in_order(served, wrap):
             assert got["probabilities"][name] == pytest.approx(single["probabilities"][name], rel=1e-5)
 
 
+def _b64(body: bytes) -> str:
+    return base64.b64encode(body).decode("ascii")
+
+
+JPEG_A, PNG_B = _encoded("JPEG", seed=21), _encoded("PNG", seed=22)
+
+
+@pytest.mark.parametrize("body, content_type, expected_length", [
+    (json.dumps([_b64(JPEG_A)]), "application/json", 1),                          # one-item list
+    (json.dumps({"instances": [{"b64": _b64(JPEG_A)}]}), "application/json", 1),  # one-item instances
+    (json.dumps([_b64(JPEG_A), _b64(PNG_B)]), "application/json", 2),              # two items
+    (JPEG_A, "image/jpeg", None),                                                  # raw JPEG: an object
+], ids=["one_item_list", "one_item_instances", "two_items", "raw_jpeg"])
+def test_response_is_a_list_exactly_when_the_request_was_a_list(model_dir, body, content_type, expected_length):
+    """The whole handler chain as the toolkit runs it, on a model.pth written by save_model_artifact."""
+    context = FakeContext(model_dir)
+    model = call_like_the_toolkit(serve.model_fn, str(model_dir), context=context)
+    data = call_like_the_toolkit(serve.input_fn, body, content_type, context=context)
+    prediction = call_like_the_toolkit(serve.predict_fn, data, model, context=context)
+    response = json.loads(call_like_the_toolkit(serve.output_fn, prediction, "application/json", context=context))
+    alone = json.loads(serve.output_fn(serve.predict_fn(serve.input_fn(JPEG_A, "image/jpeg"), model), None))
+    assert set(alone) == {"probabilities", "predicted_class"}
+    if expected_length is None:
+        assert response == alone
+        return
+    assert isinstance(response, list) and len(response) == expected_length
+    assert response[0]["predicted_class"] == alone["predicted_class"]
+    assert response[0]["probabilities"] == pytest.approx(alone["probabilities"], rel=1e-5)
+
+
 @pytest.mark.parametrize("body, content_type, fragment", [
     (b"<html>Service Unavailable</html>", "image/jpeg", "not a JPEG or PNG"),
     (b"", "image/jpeg", "not a JPEG or PNG"),

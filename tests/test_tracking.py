@@ -108,7 +108,7 @@ def test_a_training_run_appears_with_params_metrics_tags_and_artifacts(mlflow_se
     client = MlflowClient(mlflow_server)
     config = json.loads((models / "config.json").read_text())
     metrics = json.loads((models / "metrics.json").read_text())
-    assert run.info.status == "FINISHED" and run.info.run_name == "models"
+    assert run.info.status == "FINISHED" and run.info.run_name == f"models resnet18 e2 lr0.001 b16 {config['run_id']}"
     for key in ("epochs", "batch_size", "learning_rate", "weights", "data_sha256", "split_by", "num_train_images"):
         assert run.data.params[key] == str(config[key]), key  # the same content as config.json
     assert run.data.tags["data_sha256"] == config["data_sha256"]
@@ -119,6 +119,8 @@ def test_a_training_run_appears_with_params_metrics_tags_and_artifacts(mlflow_se
         assert [point.step for point in history] == [1, 2], name
         assert [point.value for point in history] == pytest.approx([e[name] for e in metrics["epochs"]]), name
     assert run.data.metrics["best_val_logloss"] == pytest.approx(metrics["best"]["val_logloss"])
+    assert run.data.metrics["best_val_logloss_calibrated"] == pytest.approx(metrics["best"]["val_logloss_calibrated"])
+    assert run.data.metrics["served_val_logloss"] == pytest.approx(metrics["calibration"]["logloss_after"])
     assert run.data.metrics["best_epoch"] == metrics["best"]["epoch"]
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert {"metrics.csv", "metrics.json", "val_predictions.csv", "test_predictions.csv", "training_curves.png",

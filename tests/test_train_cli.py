@@ -25,14 +25,14 @@ import pytest
 import torch
 
 import dss_train
-from dss import backbones, dataset, engine, threads, training, training_data
+from dss import backbones, dataset, engine, outputs, threads, training, training_data
 from dss import model as model_lib
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 # Same thread count everywhere: CPU results are bit-identical only for a fixed thread count.
 COMMON = ["--epochs", "2", "--batch-size", "16", "--weights", "none", "--num-threads", "1", "--seed", "0"]
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "val_acc", "lr", "epoch_seconds",
-                 "train_images_per_s"]
+                 "train_images_per_s", "val_logloss_calibrated"]
 TRAJECTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "val_acc", "lr"]  # not timings
 # What a SageMaker estimator's metric_definitions would use (one regex per metric).
 METRIC_REGEXES = {name: re.compile(rf"\[METRICS\] .*\b{name}=([0-9.]+)")
@@ -79,7 +79,7 @@ def test_every_output_is_written_with_the_contract_columns(reference):
     assert set(report) == {"epochs", "best", "test", "calibration"}
     assert [row["epoch"] for row in report["epochs"]] == [1, 2]
     # metrics.json epochs: the contract fields with the calibrated log loss, then the per-class report.
-    with_calibrated = EPOCH_COLUMNS[:5] + ["val_logloss_calibrated"] + EPOCH_COLUMNS[5:]
+    with_calibrated = EPOCH_COLUMNS[:5] + ["val_logloss_calibrated"] + EPOCH_COLUMNS[5:-1]
     assert all(list(row) == with_calibrated + ["per_class"] for row in report["epochs"])
     num_val = int((pd.read_csv(models / "splits.csv")["split"] == "val").sum())
     for row in report["epochs"]:
@@ -267,16 +267,31 @@ def test_predict_only_reproduces_the_test_predictions(reference, demo_pickles, t
     np.testing.assert_allclose(ours.iloc[:, 1:].to_numpy(), theirs.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-9)
 
 
-def test_predict_only_refuses_data_of_another_image_size(reference, demo_pickles, tmp_path):
+def test_predict_only_resizes_data_of_another_image_size_and_refuses_another_resize_policy(reference, demo_pickles,
+                                                                                             tmp_path):
+    """Data stored at another size is resized to the network input (upsampled here: a warning);
+    another resize policy cannot be made equal and is refused (was: any other size refused)."""
     test = dataset.load_file(demo_pickles / "test_data.pkl")
     test["images"] = np.ascontiguousarray(test["images"][:, ::2, ::2])
     test["info"]["image_size"] = 16
     (tmp_path / "test_data.pkl").write_bytes(pickle.dumps(dataset.validate(test), protocol=dataset.PICKLE_PROTOCOL))
     result = run_script("dss_train.py", ["--data-dir", tmp_path, "--model-dir", reference["models"],
-                                         "--output-dir", tmp_path / "out", "--predict-only", "true"])
-    assert result.returncode == 1
-    assert "16 px" in result.stderr and "--image-size 32" in result.stderr and "model.pth" in result.stderr
-    assert not (tmp_path / "out" / "test_predictions.csv").exists()
+                                         "--output-dir", tmp_path / "out", "--predict-only", "true", "--num-threads", "1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stores images at 16 px, the model was trained on 32 px: resizing them to its 32 px input" in result.stdout
+    assert "warning: the 16 px images are upsampled to 32 px" in result.stdout
+    info = json.loads((tmp_path / "out" / "predictions_info.json").read_text())
+    assert info["image_sizes"] == {"stored": 16, "model_stored": 32, "network_input": 32, "resized": True,
+                                   "upsampled": True}
+    assert len(pd.read_csv(tmp_path / "out" / "predictions.csv")) == len(test["ids"])
+    test["info"]["resize_policy"] = "crop"
+    (tmp_path / "test_data.pkl").write_bytes(pickle.dumps(dataset.validate(test), protocol=dataset.PICKLE_PROTOCOL))
+    refused = run_script("dss_train.py", ["--data-dir", tmp_path, "--model-dir", reference["models"],
+                                          "--output-dir", tmp_path / "out2", "--predict-only", "true"])
+    assert refused.returncode == 1
+    assert "resize policy is 'crop'" in refused.stderr and "model.pth" in refused.stderr
+    assert "16 px" not in refused.stderr  # the size is no longer a reason to refuse
+    assert not (tmp_path / "out2" / "test_predictions.csv").exists()
 
 
 def test_one_agreement_check_for_train_test_and_model_test():
@@ -446,6 +461,31 @@ def test_image_skipped_by_preprocess_still_gets_a_row_with_the_class_prior(refer
     prior = torch.load(reference["models"] / "model.pth", weights_only=True)["preprocessing"]["class_prior"]
     np.testing.assert_allclose(predictions.iloc[2, 1:].to_numpy(dtype=float), prior, atol=1e-12)
     np.testing.assert_allclose(predictions.iloc[:, 1:].to_numpy().sum(axis=1), 1.0, atol=1e-9)
+    # predictions.csv says which row is the prior, and why, and keeps the site test_features.csv gives it.
+    readable = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype=str, keep_default_na=False)
+    assert list(readable.columns[:5]) == ["id", "site", "predicted_class", "probability", "status"]
+    assert list(readable.columns[5:]) == list(predictions.columns[1:])
+    row = readable.set_index("id").loc[broken_id]
+    summary = json.loads((tmp_path / "pickles" / "preprocessing_summary.json").read_text())
+    (entry,) = summary["splits"]["test"]["skipped"]
+    assert row["status"] == f"skipped: {entry['reason']}" and row["site"] == features["site"][2] != ""
+    assert entry["site"] == features["site"][2]
+    assert (readable["status"] == "predicted").sum() == len(features) - 1
+
+
+def test_skip_entries_without_a_site_from_older_summaries_give_an_empty_site(tmp_path):
+    """A preprocessing summary written before skip entries carried the site still works: site ''."""
+    summary = {"splits": {"test": {"skipped": [{"key": "test_features/b.jpg", "id": "b", "reason": "undecodable",
+                                                "message": "truncated", "csv_row": 1}]}}}
+    (tmp_path / "preprocessing_summary.json").write_text(json.dumps(summary))
+    test = {"ids": ["a", "c"], "sites": ["S1", "S2"], "meta": {"csv_row": np.array([0, 2])}}
+    paths = (tmp_path / "test_predictions.csv", tmp_path / "predictions.csv")
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    info = outputs.write_test_predictions(paths, tmp_path, test, probs, np.array([0.5, 0.5]), ["x", "y"])
+    assert info["filled_with_prior"] == ["b"]
+    readable = pd.read_csv(paths[1], dtype=str, keep_default_na=False)
+    assert readable[["id", "site", "status"]].values.tolist() == [
+        ["a", "S1", "predicted"], ["b", "", "skipped: undecodable"], ["c", "S2", "predicted"]]
 
 
 # --------------------------------------------------------------------------- re-runs and train-only data
@@ -517,7 +557,7 @@ def test_a_failure_while_writing_outputs_leaves_the_previous_run_untouched(fault
 
 
 # --------------------------------------------------------------------------- weekly predictions (issue 10)
-def _weekly_pickles(demo_data: Path, root: Path, name: str, ids: list[str]) -> Path:
+def _weekly_pickles(demo_data: Path, root: Path, name: str, ids: list[str], image_size: int = 32) -> Path:
     """The README's weekly recipe, first half: a folder of camera images (no CSVs) through preprocess.py."""
     images = root / "images" / name
     images.mkdir(parents=True)
@@ -525,7 +565,7 @@ def _weekly_pickles(demo_data: Path, root: Path, name: str, ids: list[str]) -> P
     for image_id in ids:
         shutil.copy(demo_data / paths[image_id], images / f"{image_id}.jpg")
     pickles = root / "weekly" / name
-    result = run_script("preprocess.py", ["--input", images, "--output-dir", pickles, "--image-size", "32",
+    result = run_script("preprocess.py", ["--input", images, "--output-dir", pickles, "--image-size", image_size,
                                           "--workers", "1", "--quiet"])
     assert result.returncode == 0, result.stdout + result.stderr
     return pickles
@@ -558,6 +598,33 @@ def test_weekly_predictions_never_replace_the_submission_and_every_week_is_kept(
         info = json.loads((folder / "predictions_info.json").read_text())
         assert info["data"]["path"] == str((tmp_path / "weekly" / week).resolve())
         assert info["data"]["num_images"] == len(week_ids) and info["model"]["path"] == str(models / "model.pth")
+
+
+def test_the_readmes_weekly_example_at_224_px_predicts_with_a_64_px_model(demo_data, tmp_path):
+    """README: the weekly folder is preprocessed at --image-size 224, the demo model is trained at 64 px:
+    --predict-only resizes to the model's input, with nearly the probabilities of data stored at 64 px."""
+    pickles, models = tmp_path / "pickles64", tmp_path / "models"
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", pickles, "--image-size", "64",
+                                          "--workers", "1", "--quiet"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = train(pickles, models, "--epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = pd.read_csv(demo_data / "test_features.csv", dtype=str)["id"].tolist()[:12]
+    week = _predict(_weekly_pickles(demo_data, tmp_path / "a", "2026-w48", ids, image_size=224), models)
+    assert week.returncode == 0, week.stdout + week.stderr
+    assert "stores images at 224 px, the model was trained on 64 px: resizing them to its 64 px input" in week.stdout
+    assert "upsampled" not in week.stdout
+    folder = models / "predictions" / "2026-w48"
+    info = json.loads((folder / "predictions_info.json").read_text())
+    assert info["image_sizes"] == {"stored": 224, "model_stored": 64, "network_input": 64, "resized": True,
+                                   "upsampled": False}
+    at_64 = _predict(_weekly_pickles(demo_data, tmp_path / "b", "2026-w48", ids, image_size=64), models,
+                     "--output-dir", tmp_path / "at64")
+    assert at_64.returncode == 0 and "resizing" not in at_64.stdout
+    resized = pd.read_csv(folder / "test_predictions.csv", dtype={"id": str}).set_index("id")
+    stored_64 = pd.read_csv(tmp_path / "at64" / "test_predictions.csv", dtype={"id": str}).set_index("id")
+    # Resized twice (frame -> 224 -> 64 px) or once (frame -> 64 px): nearly the same pixels.
+    np.testing.assert_allclose(resized.loc[stored_64.index].to_numpy(), stored_64.to_numpy(), atol=0.05)
 
 
 def test_predict_only_replaces_its_own_predictions_and_others_only_with_overwrite(reference, demo_data, tmp_path):
@@ -601,7 +668,8 @@ def test_predictions_csv_is_the_submission_made_readable(reference, demo_data):
     submission = pd.read_csv(models / "test_predictions.csv", dtype={"id": str})
     readable = pd.read_csv(models / "predictions.csv", dtype={"id": str, "site": str})
     class_names = list(submission.columns[1:])
-    assert list(readable.columns) == ["id", "site", "predicted_class", "probability", *class_names]
+    assert list(readable.columns) == ["id", "site", "predicted_class", "probability", "status", *class_names]
+    assert set(readable["status"]) == {"predicted"}  # no image skipped by preprocess here
     assert readable["id"].tolist() == submission["id"].tolist()
     probs = submission[class_names].to_numpy()
     np.testing.assert_array_equal(readable[class_names].to_numpy(), probs)

@@ -75,6 +75,22 @@ def test_e5_mutated_real_pickles_only_dataset_error_and_no_side_effect(folder, r
     assert outcome in ("ok", "refused")
 
 
+@pytest.mark.parametrize("name", sorted(fuzz.attack_pickles()))
+def test_e4_crafted_object_dtype_attacks_are_refused(folder, name):
+    """The fuzz corpus's hand-crafted attacks: object arrays made through a dtype's BUILD state."""
+    assert fuzz.check_pickle(fuzz.attack_pickles()[name], folder) == "refused"
+
+
+@FUZZ
+@given(rng=st.randoms(use_true_random=False), seed_index=st.integers(0, 2))
+def test_e4_mutated_attack_pickles_only_dataset_error(folder, rng, seed_index):
+    seed = sorted(fuzz.attack_pickles().items())[seed_index][1]
+    data = fuzz.mutate(seed, rng, fuzz.pickle_tokens(folder / fuzz.MARKER_NAME))
+    with address_space_cap():
+        outcome = fuzz.check_pickle(data, folder)  # also asserts no object array was returned
+    assert outcome in ("ok", "refused")
+
+
 @pytest.mark.parametrize("data", [
     b"\x80\x02}r\x72\x79\x79\x0a.",                      # EMPTY_DICT, LONG_BINPUT 175798642, STOP
     b"\x80\x05\x96" + (5 << 30).to_bytes(8, "little") + b"xx.",  # BYTEARRAY8 declaring 5 GiB
