@@ -80,6 +80,7 @@ def train(settings: training.Settings, context: distributed.Context, stop: stopp
     # Leaving the block stops the reader threads of streamed data and ends the MLflow run, however the run ends.
     with training_data.load(settings, device) as data, crossval.SharedRun(settings, context, tracker_settings) as run:
         stop.check("while loading the data", resumable)
+        threads.rebalance(wait=True)  # without --num-threads: as many threads as other work leaves CPUs idle
         folds = crossval.plan(settings.folds, data, settings.seed)
         members = []
         for fold in folds:
@@ -134,6 +135,7 @@ def train_member(settings: training.Settings, context: distributed.Context, data
         if state.early_stopped:
             break
         state.begin_epoch()
+        threads.rebalance()  # other work on the CPUs may have come or gone (nothing without --num-threads)
         tick = time.monotonic()
         try:
             stats = engine.train_one_epoch(loop, train_images, train_labels, epoch, state.step,

@@ -34,7 +34,8 @@ image, are warnings in the summaries (the test split is unlabelled, so they do n
 training; they do make test predictions meaningless for those images). S3 bodies are checked against S3's
 checksum (or an MD5 ETag) and refetched when they arrived corrupt (see dss/sources.py). A write
 that fails (disk full) stops the run with the path and errno; nothing partial is left under a
-final name. This script never imports torch.
+final name. An output folder holds one data set: a run of another input (or other --image-size,
+--resize, --max-pixels) into it stops before any work unless --overwrite. This script never imports torch.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ STRICT_EXIT_CODE = 3  # --strict: the run completed but skipped something
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=cli.HelpFormatter)
-    parser.add_argument("--input", default=DEFAULT_INPUT,
-                        help="s3://bucket/prefix/ or a folder")
+    parser.add_argument("--input", default=DEFAULT_INPUT, help="s3://bucket/prefix/ or a folder")
     parser.add_argument("--output-dir", default="./output", help="folder or s3://bucket/prefix/")
     parser.add_argument("--image-size", type=cli.image_size, default=224,
-                        help=f"stored square size in px, at least {cli.MIN_IMAGE_SIZE} (ResNet18 halves it five times)")
+                        help=f"stored square size in px, {cli.MIN_IMAGE_SIZE} (ResNet18 halves it five times) to "
+                             f"{cli.MAX_IMAGE_SIZE} (48 MiB per image)")
     parser.add_argument("--resize", choices=images.RESIZE_POLICIES, default="squash",
                         help="squash (whole frame), crop (centre) or pad (black border)")
     parser.add_argument("--workers", type=cli.positive_int, default=None,
@@ -103,14 +104,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--csv-dir", default=None,
                         help="folder or s3:// prefix holding the CSVs (default: --input); their filepath column "
                              "stays relative to --input. Needed when --input is a ShardedByS3Key input")
+    parser.add_argument("--overwrite", type=cli.str2bool, nargs="?", const=True, default=False, metavar="{true,false}",
+                        help="replace another data set's files in --output-dir (else the run stops, touching nothing)")
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {STRICT_EXIT_CODE} (after writing the summaries) if any image was skipped "
                              "or any CSV row rejected: a clean dataset or a failing run")
     parser.add_argument("--quiet", action="store_true", help="only errors")
     args = parser.parse_args(argv)
-    if args.shard_index is not None or args.num_shards is not None:  # explicit; the other one defaults
-        if (args.shard_index or 0) >= (args.num_shards or 1):
-            parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards or 1}")
+    explicit = args.shard_index is not None or args.num_shards is not None  # the other one defaults
+    if explicit and (args.shard_index or 0) >= (args.num_shards or 1):
+        parser.error(f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards or 1}")
     return args
 
 
@@ -119,6 +122,7 @@ def run(source: sources.Source, output: sources.Output, settings: PreprocessSett
     """The whole pipeline on an opened source and output: plan -> build each split -> publish.
     Returns the summary dict. ``csv_source``: where the CSVs are (--csv-dir), else the input."""
     started = time.perf_counter()
+    publishing.check_output_dataset(output, settings)  # another data set's files there: stop, touching nothing
     # An unwritable output fails here, before any download.
     output.prepare(reporting.file_names(settings.num_shards, settings.shard_index).values())
     results: list[building.SplitResult] = []
@@ -137,13 +141,15 @@ def run(source: sources.Source, output: sources.Output, settings: PreprocessSett
 
 
 def settings_from_args(args: argparse.Namespace, shard_index: int, num_shards: int,
-                       presharded: bool) -> PreprocessSettings:
+                       sharded_source: str | None) -> PreprocessSettings:
     layout = Layout(args.train_labels, args.train_features, args.test_features,
                     args.train_dir.strip("/"), args.test_dir.strip("/"))
     return PreprocessSettings(input_uri=args.input, image_size=args.image_size, policy=args.resize,
                               max_pixels=args.max_pixels, workers=args.workers or threads.allowed_cpus(),
                               download_threads=args.download_threads, limit=args.limit, shard_index=shard_index,
-                              num_shards=num_shards, quiet=args.quiet, layout=layout, presharded=presharded)
+                              num_shards=num_shards, quiet=args.quiet, layout=layout,
+                              presharded=sharded_source is not None, dataset_uri=sharded_source,
+                              overwrite=args.overwrite)
 
 
 def main(argv=None) -> int:
@@ -157,8 +163,8 @@ def main(argv=None) -> int:
         if args.csv_dir is not None and not sources.is_s3_uri(args.csv_dir) and not Path(args.csv_dir).is_dir():
             raise PreprocessError(f"--csv-dir {args.csv_dir} does not exist or is not a folder")
         # This run's shard: the flags, else this host's share of a SageMaker Processing job.
-        shard_index, num_shards, presharded = sharding.resolve_sharding(args.input, args.shard_index,
-                                                                        args.num_shards, args.auto_shard)
+        shard_index, num_shards, sharded_source = sharding.resolve_sharding(args.input, args.shard_index,
+                                                                            args.num_shards, args.auto_shard)
         source_options = sources.SourceOptions(
             endpoint_url=args.endpoint_url, max_attempts=args.max_attempts, read_timeout=args.read_timeout,
             download_threads=args.download_threads, max_object_bytes=int(args.max_object_mb * 2**20),
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
         csv_source = sources.open_source(args.csv_dir, source_options) if args.csv_dir is not None else None
         output = sources.open_output(args.output_dir, sources.SourceOptions(endpoint_url=args.endpoint_url,
                                                                             max_attempts=args.max_attempts))
-        summary = run(source, output, settings_from_args(args, shard_index, num_shards, presharded), csv_source)
+        summary = run(source, output, settings_from_args(args, shard_index, num_shards, sharded_source), csv_source)
         # --strict: the outputs are written, but any skip fails the run.
         if args.strict:
             summary_txt = reporting.file_names(num_shards, shard_index)["summary_txt"]

@@ -91,6 +91,43 @@ def decode_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(cancel_futures=True)
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _in_units(count: float) -> str:
+    """A byte count for people: ``12.0 KiB``, ``48.0 MiB``, ``27.9 GiB``."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count:,.1f} GiB"
+
+
+def worker_death_message(exc: BaseException, settings: PreprocessSettings) -> str:
+    """Why a decode process most likely died (the OS killed it for memory), with the numbers to check."""
+    per_image = settings.image_size ** 2 * 3  # one decoded (S, S, 3) uint8 image
+    full_frame = settings.max_pixels * 3      # the largest full-resolution RGB decode --max-pixels lets in
+    available = available_memory_bytes()
+    free = (f"{_in_units(available)} available now (MemAvailable)" if available is not None
+            else "available memory unknown (no /proc/meminfo)")
+    return (f"a decode worker process died ({type(exc).__name__}: {exc}). The likely cause is memory: the OS "
+            f"killed it (out of memory). Each of the {settings.workers} decode worker(s) holds one decoded "
+            f"--image-size {settings.image_size} image of {_in_units(per_image)} ({settings.image_size} x "
+            f"{settings.image_size} x 3 bytes) and its full-resolution decode (up to --max-pixels "
+            f"{settings.max_pixels:,} x 3 bytes = {_in_units(full_frame)}): up to "
+            f"{_in_units(settings.workers * (per_image + full_frame))} in all, with {free}. Try fewer --workers, "
+            "a smaller --image-size or a lower --max-pixels")
+
+
 @dataclass
 class SplitResult:
     plan: SplitPlan
@@ -142,7 +179,7 @@ class SplitBuilder:
         self.progress: tqdm | None = None
 
     def _skip(self, item: Item, reason: str, message: str) -> None:
-        self.skipped.append(reporting.skip_entry(item.key, item.id, reason, message, item.csv_row))
+        self.skipped.append(reporting.skip_entry(item.key, item.id, reason, message, item.csv_row, item.site))
 
     def build(self, class_names: list[str], pickle_path: Path) -> SplitResult:
         """Fetch and decode every slot into the pickle being built at ``pickle_path``."""
@@ -156,8 +193,7 @@ class SplitBuilder:
             try:
                 self._decode_all()
             except BrokenProcessPool as exc:
-                raise PreprocessError(f"a decode worker process died ({exc}); it was probably killed for memory: "
-                                      "try fewer --workers") from exc
+                raise PreprocessError(worker_death_message(exc, self.settings)) from exc
             finally:
                 self.progress.close()
         if self.source.local_path("") is not None:  # the decode processes read the files: count the bytes here
@@ -222,7 +258,10 @@ class SplitBuilder:
         """The split's pickle dict (without its images, which are already in the file) for the written slots."""
         plan, settings = self.plan, self.settings
         kept_slots = np.flatnonzero(self.written)
-        if len(kept_slots) == 0:
+        # A shard with no image of this split still writes its pickle, with N = 0 rows (same schema),
+        # so the loader finds every shard of the split; a split that had images but kept none writes nothing.
+        empty_shard = settings.num_shards > 1 and plan.listed == 0
+        if len(kept_slots) == 0 and not empty_shard:
             self.writer.discard()
             return SplitResult(plan, None, self.skipped, seconds, source_stats)
         kept = [plan.items[self.row_of_slot[slot]] for slot in kept_slots]

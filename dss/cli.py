@@ -45,14 +45,23 @@ def non_negative_int(value: str) -> int:
 # The smallest image side ResNet18 can use: its five stride-2 stages take 32 px down to 1 px; below
 # that the last stages have no spatial extent left and the model trains at chance level.
 MIN_IMAGE_SIZE = 32
+# The largest: one 4096 px square image is 4096 x 4096 x 3 bytes = 48 MiB of uint8 (1,000 of them 48 GiB
+# of pickle; as a float32 network input 192 MiB each). Camera-trap frames are at most ~4000 px wide,
+# so a larger side only upsamples; 100000 px would be 28 GiB per image and kill the decode workers.
+MAX_IMAGE_SIZE = 4096
 
 
 def image_size(value: str) -> int:
-    """An image side in px, at least MIN_IMAGE_SIZE."""
+    """An image side in px, from MIN_IMAGE_SIZE to MAX_IMAGE_SIZE."""
     number = int(value)
     if number < MIN_IMAGE_SIZE:
         raise argparse.ArgumentTypeError(f"expected at least {MIN_IMAGE_SIZE} px (ResNet18 halves the image five "
                                          f"times; smaller images train at chance level), got {value!r}")
+    if number > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_IMAGE_SIZE} px, got {value!r}: one {number} px square image is {number} x "
+            f"{number} x 3 bytes = {number * number * 3 / 2**30:,.1f} GiB as uint8, in every decode worker and "
+            "every pickle row (camera-trap frames are at most ~4000 px wide: a larger side only upsamples)")
     return number
 
 
@@ -112,7 +121,8 @@ class _StdoutHandler(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        # Assigned, not setStream: that flushes the old stream, which pytest may have closed.
+        self.stream = sys.stdout
         super().emit(record)
 
 

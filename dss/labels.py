@@ -65,6 +65,7 @@ class LabelTable:
     class_names: list[str]
     problems: list[RowProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    classes_from: str = "header"  # where class_names came from: "header" (one-hot) or "label column"
 
 
 @dataclass
@@ -123,7 +124,26 @@ def read_labels(
         class_names=names,
         problems=problems,
         warnings=warnings,
+        classes_from="label column" if LABEL_COLUMN in header else "header",
     )
+
+
+def rejected_rows_report(problems: list[RowProblem], shown: int = MAX_LISTED) -> str:
+    """Lines for people about rejected rows: how many, then the first ``shown`` with file, line, id and reason."""
+    lines = [f"WARNING: {len(problems)} row(s) rejected (not used; the summary lists every one):"]
+    lines += [f"  - {problem.file} line {problem.line} (id {problem.id!r}): {problem.reason}"
+              for problem in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    return "\n".join(lines)
+
+
+def rejected_by_id(problems: list[RowProblem]) -> dict[str, str]:
+    """Rejected rows by id: id -> "file line N: reason" (the first row, for an id rejected twice)."""
+    rejected: dict[str, str] = {}
+    for problem in problems:
+        rejected.setdefault(problem.id, f"{Path(problem.file).name} line {problem.line}: {problem.reason}")
+    return rejected
 
 
 def _label_column_rows(

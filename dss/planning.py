@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from dss import cli, images, labels, reporting, sources
+from dss.sources import id_from_key
 
 BUCKET_EXAMPLE = "s3://animal-classification-dss-works/data/"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no extension is accepted too
 EXAMPLES = 20  # keys quoted per note in the summary
 
 
@@ -64,6 +64,9 @@ class PreprocessSettings:
     layout: Layout = Layout()
     # --input is this instance's share of a ShardedByS3Key input: nothing is sliced again.
     presharded: bool = False
+    # The data set's name in the output's record (None: --input, resolved); a ShardedByS3Key input's S3 URI.
+    dataset_uri: str | None = None
+    overwrite: bool = False     # the output may hold another data set's files: replace them
 
 
 @dataclass
@@ -116,24 +119,6 @@ class Listing:
     def __init__(self, infos: list[sources.ObjectInfo]):
         self.infos = infos
         self.by_key = {info.key: info for info in infos}
-
-
-def id_from_key(key: str) -> str | None:
-    """The sample id of an object key: its file name without an image extension (any case).
-
-    ``a/ZJ000001.JPG`` -> ``ZJ000001``; ``a/ZJ000001`` -> ``ZJ000001``; hidden files and other
-    extensions (``notes.txt``) -> None (not an image candidate).
-    """
-    name = PurePosixPath(key).name
-    if not name or name.startswith("."):
-        return None
-    stem, dot, extension = name.rpartition(".")
-    if not dot:
-        return name
-    if stem and "." + extension.lower() in IMAGE_SUFFIXES:
-        return stem
-    return None
-
 
 
 def _normalise_filepath(filepath: str) -> str:
@@ -222,12 +207,12 @@ def _match_ids(plan: SplitPlan, ids: list[str], label_of: dict[str, int] | None,
         if info is None:
             plan.skipped.append(reporting.skip_entry(tried, image_id, "missing_object",
                                            f"no object for id '{image_id}' (looked for {tried} and {folder}/{image_id}.*)",
-                                           csv_row=row))
+                                           csv_row=row, site=site or ""))
             continue
         if info.key in used_keys:
             plan.skipped.append(reporting.skip_entry(info.key, image_id, "shared_object",
                                            f"object {info.key} already used for id '{used_keys[info.key]}'",
-                                           csv_row=row))
+                                           csv_row=row, site=site or ""))
             continue
         used_keys[info.key] = image_id
         label = label_of[image_id] if label_of is not None else -1
@@ -235,15 +220,31 @@ def _match_ids(plan: SplitPlan, ids: list[str], label_of: dict[str, int] | None,
     return used_keys, without_features
 
 
-def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, features, listing: Listing,
-                  folder: str, source_text: str, presharded: bool = False) -> SplitPlan:
-    """A split whose ids come from a CSV. ``label_of`` is None for test; ``features`` may be None.
+def _note_unreferenced(plan: SplitPlan, unreferenced: list[str], rejected: dict[str, str], folder: str) -> None:
+    """Objects in ``folder`` no id refers to: those of rejected CSV rows (``rejected``) apart from the rest."""
+    of_rejected = [key for key in unreferenced if id_from_key(key) in rejected]
+    without_row = [key for key in unreferenced if id_from_key(key) not in rejected]
+    plan.notes["unreferenced_objects"] = {"count": len(unreferenced), "examples": unreferenced[:EXAMPLES]}
+    if of_rejected:
+        plan.notes["objects_of_rejected_rows"] = len(of_rejected)
+        examples = "; ".join(f"{key} ({rejected[id_from_key(key)]})" for key in of_rejected[:3])
+        plan.warnings.append(f"{len(of_rejected)} object(s) in {folder}/ are the images of rejected CSV rows "
+                             f"(not used; see 'CSV rows rejected'), e.g. {examples}")
+    if without_row:
+        plan.warnings.append(f"{len(without_row)} object(s) in {folder}/ have no row in the CSV "
+                             f"(not used), e.g. {without_row[:3]}")
+
+
+def plan_from_csv(name: str, label_of: dict[str, int] | None, features, listing: Listing, folder: str,
+                  source_text: str, presharded: bool = False, rejected: dict[str, str] | None = None) -> SplitPlan:
+    """A split whose ids come from a CSV: ``label_of``'s (train, CSV order), else ``features``' (test).
 
     Ids without an object are skipped as ``missing_object``, unless ``presharded``: then the
     input is one instance's share of a ShardedByS3Key input and such ids are counted as
-    ``in_other_shards`` (their image went to another instance). Objects in ``folder`` that no id
-    refers to are counted under ``notes.unreferenced_objects``. Two ids on one object: the later
-    id is skipped (``shared_object``)."""
+    ``in_other_shards`` (their image went to another instance). Objects in ``folder`` no id refers
+    to are counted under ``notes.unreferenced_objects``; those of ``rejected`` rows (id -> "file
+    line N: reason") are named as such. Two ids on one object: the later is ``shared_object``."""
+    ids = list(label_of) if label_of is not None else list(features.ids)
     plan = SplitPlan(name=name, source=source_text, has_labels=label_of is not None, has_csv_rows=True,
                      presharded=presharded)
     fallback, ignored = _stem_index(listing.infos, folder)
@@ -256,10 +257,7 @@ def plan_from_csv(name: str, ids: list[str], label_of: dict[str, int] | None, fe
     plan.skipped.sort(key=lambda entry: entry["id"])
     unreferenced = sorted(c.key for group in fallback.values() for c in group if c.key not in used_keys)
     plan.notes["ids_without_object"] = sum(1 for s in plan.skipped if s["reason"] == "missing_object")
-    plan.notes["unreferenced_objects"] = {"count": len(unreferenced), "examples": unreferenced[:EXAMPLES]}
-    if unreferenced:
-        plan.warnings.append(f"{len(unreferenced)} object(s) in {folder}/ have no row in the CSV "
-                             f"(not used), e.g. {unreferenced[:3]}")
+    _note_unreferenced(plan, unreferenced, rejected or {}, folder)
     if plan.notes["ids_without_object"]:
         plan.warnings.append(f"{plan.notes['ids_without_object']} id(s) in the CSV have no image object")
     if features is not None:
@@ -279,6 +277,8 @@ def _read_csv_table(source: sources.Source, key: str, reader, plan: Plan):
     except sources.ObjectSkip as skip:
         raise PreprocessError(f"cannot read the CSV: {skip}") from None
     table = reader(source.describe(key), data=data)
+    if table.problems:  # on the console too, before any download: a bad row is seen, not found in a file later
+        cli.log.info(labels.rejected_rows_report(table.problems))
     for problem in table.problems:
         plan.csv_problems.append({"file": str(problem.file), "line": problem.line, "id": problem.id,
                                   "reason": problem.reason})
@@ -318,8 +318,8 @@ def plan_dataset(source: sources.Source, layout: Layout, csv_source: sources.Sou
         plan.splits.append(_plan_train(plan, source, csv_source, csv_keys, listing, layout, presharded))
     if layout.test_features in csv_keys:
         features = _read_csv_table(csv_source, layout.test_features, labels.read_features, plan)
-        plan.splits.append(plan_from_csv("test", list(features.ids), None, features, listing, layout.test_dir,
-                                         source.describe(layout.test_dir + "/"), presharded))
+        plan.splits.append(plan_from_csv("test", None, features, listing, layout.test_dir, source.describe(
+            layout.test_dir + "/"), presharded, labels.rejected_by_id(features.problems)))
         return plan
     test_infos = [info for info in listing.infos if info.key.startswith(layout.test_dir.strip("/") + "/")]
     if test_infos:
@@ -374,7 +374,9 @@ def _plan_train(plan: Plan, source: sources.Source, csv_source: sources.Source, 
     table = _read_csv_table(csv_source, layout.train_labels, labels.read_labels, plan)
     plan.class_names = list(table.class_names)
     plan.label_of = label_of = {image_id: int(label) for image_id, label in zip(table.ids, table.labels)}
-    cli.log.info(f"Labels loaded: {len(table.ids)} rows, {len(plan.class_names)} classes")
+    cli.log.info(f"Labels loaded: {len(table.ids)} rows, {len(table.problems)} rejected")
+    cli.log.info(f"Classes ({len(plan.class_names)}, from {layout.train_labels} {table.classes_from}): "
+                 + ", ".join(plan.class_names))
     features, unlabelled = None, []
     if layout.train_features in csv_keys:
         features = _read_csv_table(csv_source, layout.train_features, labels.read_features, plan)
@@ -382,8 +384,8 @@ def _plan_train(plan: Plan, source: sources.Source, csv_source: sources.Source, 
         if unlabelled:
             plan.warnings.append(f"{len(unlabelled)} id(s) in {layout.train_features} have no label "
                                  f"(not used), e.g. {unlabelled[:3]}")
-    split_plan = plan_from_csv("train", list(table.ids), label_of, features, listing, layout.train_dir,
-                               source.describe(layout.train_dir + "/"), presharded)
+    split_plan = plan_from_csv("train", label_of, features, listing, layout.train_dir, source.describe(
+        layout.train_dir + "/"), presharded, labels.rejected_by_id(table.problems))
     if features is not None:
         split_plan.notes["features_rows_without_label"] = len(unlabelled)
     return split_plan

@@ -6,7 +6,7 @@
 
 The summary (``preprocessing_summary.json``, one per shard: ``preprocessing_summary-0000i-of-0000K.json``)
 lists, per split, every image that was listed but not written, as ``{"key", "id", "reason",
-"message"[, "csv_row"]}`` under ``splits.<split>.skipped``. That list is the one contract between
+"message"[, "csv_row"][, "site"]}`` under ``splits.<split>.skipped``. That list is the one contract between
 the two scripts besides the pickles: ``dss_train.py`` gives every skipped *test* id a row of
 ``test_predictions.csv`` (filled with the class prior), in ``test_features.csv`` order when
 ``csv_row`` is known. ``skip_entry`` makes each entry, ``split_summary`` writes the list, ``read_skipped_test_ids`` reads it.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,11 +52,14 @@ def file_names(num_shards: int, shard_index: int) -> dict[str, str]:
     return names
 
 
-def skip_entry(key: str, image_id: str, reason: str, message: str, csv_row: int = -1) -> dict:
-    """A skipped image as the summary lists it: ``{key, id, reason, message[, csv_row]}``."""
+def skip_entry(key: str, image_id: str, reason: str, message: str, csv_row: int = -1, site: str = "") -> dict:
+    """A skipped image as the summary lists it: ``{key, id, reason, message[, csv_row][, site]}``
+    (``site`` when the features CSV gives one, so predictions.csv can name it)."""
     entry = {"key": key, "id": image_id, "reason": reason, "message": message}
     if csv_row >= 0:
         entry["csv_row"] = csv_row
+    if site:
+        entry["site"] = site
     return entry
 
 
@@ -73,8 +77,9 @@ def _summary_splits(data_dir: str | Path, read) -> None:
 def read_skipped_test_ids(data_dir: str | Path) -> list[dict]:
     """Test images preprocess skipped, from ``preprocessing_summary*.json`` in ``data_dir``.
 
-    Returns the entries of ``splits.test.skipped`` (``{key, id, reason, message[, csv_row]}``),
-    one per id, across all shards' summaries; empty when no summary lists a test split.
+    Returns the entries of ``splits.test.skipped`` (``{key, id, reason, message[, csv_row][, site]}``;
+    summaries written before skip entries carried the site lack it: read it as ''), one per id,
+    across all shards' summaries; empty when no summary lists a test split.
     """
     skipped: dict[str, dict] = {}
 
@@ -105,11 +110,39 @@ def read_split_counts(data_dir: str | Path) -> dict[str, int]:
     return counts
 
 
+def resolved_input(uri: str) -> str:
+    """An input as one data set is named in summaries: a folder as its absolute path, ``s3://`` with one
+    trailing ``/`` (so ``./data``, ``data`` and ``/home/me/data`` are the same input)."""
+    if str(uri).startswith("s3://"):
+        return str(uri).rstrip("/") + "/"
+    return os.path.realpath(uri)
+
+
+def dataset_identity(settings: PreprocessSettings) -> dict:
+    """Which data set a run writes: its input (resolved; for a ShardedByS3Key input the S3 URI that
+    SageMaker shards) and the settings that decide the pixels. Two runs with the same identity may
+    replace each other's files in an output folder; others may not (dss.publishing)."""
+    return {"input": settings.dataset_uri or resolved_input(settings.input_uri), "image_size": settings.image_size,
+            "resize_policy": settings.policy, "max_pixels": settings.max_pixels}
+
+
+def recorded_identity(summary: dict) -> dict | None:
+    """The ``dataset_identity`` a summary records, or None when it records none. A summary written
+    before ``input_resolved`` existed names its input as given: resolved against the current folder."""
+    try:
+        return {"input": summary.get("input_resolved") or resolved_input(summary["input"]),
+                "image_size": summary["image_size"], "resize_policy": summary["resize_policy"],
+                "max_pixels": summary["max_pixels"]}
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def run_summary(plan: Plan, settings: PreprocessSettings, output_text: str) -> dict:
     """The summary dict of a run before its splits are added (``files`` and ``splits`` start empty)."""
     return {
         "format_version": dataset.FORMAT_VERSION,
         "input": settings.input_uri,
+        "input_resolved": dataset_identity(settings)["input"],
         "output": output_text,
         "mode": plan.mode,
         "image_size": settings.image_size,
@@ -145,7 +178,8 @@ def split_summary(result: SplitResult) -> dict:
             counts = np.bincount(data["labels"], minlength=len(data["class_names"]))
             summary["class_counts"] = {name: int(n) for name, n in zip(data["class_names"], counts)}
         summary["site_counts"] = dict(sorted(Counter(data["sites"].tolist()).items()))
-        summary["grey_share"] = round(float(np.mean(data["meta"]["was_grey"])), 4)
+        # None for an empty shard (N = 0): no image, no share.
+        summary["grey_share"] = round(float(np.mean(data["meta"]["was_grey"])), 4) if written else None
         sizes = Counter(f"{w}x{h}" for w, h in zip(data["meta"]["orig_width"].tolist(),
                                                      data["meta"]["orig_height"].tolist()))
         summary["orig_size_counts"] = dict(sorted(sizes.items(), key=lambda pair: (-pair[1], pair[0])))
@@ -194,7 +228,8 @@ def summary_text(summary: dict) -> str:
         if "class_counts" in split:
             lines.append("  classes: " + ", ".join(f"{k} {v}" for k, v in split["class_counts"].items()))
         if "site_counts" in split:
-            lines.append(f"  sites: {len(split['site_counts'])}; grey share {split['grey_share']:.1%}")
+            grey = "" if split["grey_share"] is None else f"; grey share {split['grey_share']:.1%}"
+            lines.append(f"  sites: {len(split['site_counts'])}{grey}")
         for reason, number in split["skip_reasons"].items():
             lines.append(f"  skipped {reason}: {number}")
         for entry in split["skipped"]:
@@ -215,7 +250,8 @@ def leakage_report(results: list[SplitResult], class_names: list[str]) -> tuple[
     """Ids and identical image files (sha256 of the bytes) in both train and test, and classes
     with no train image. Policy: warnings, not errors (the test split carries no labels, so they
     cannot corrupt training; they do make test predictions meaningless for those images)."""
-    by_split = {result.plan.name: result for result in results if result.data is not None}
+    # An empty shard's split (N = 0) has nothing to compare, and no class "missing" from it matters.
+    by_split = {result.plan.name: result for result in results if result.data is not None and len(result.data["ids"])}
     report, warnings = {}, []
     train, test = by_split.get("train"), by_split.get("test")
     if train is not None and test is not None:

@@ -153,7 +153,6 @@ def _error_details(exc) -> tuple[str, str, str, int | None]:
             metadata.get("HTTPStatusCode"))
 
 
-
 def _join_key(prefix: str, key: str) -> str:
     return prefix + key.lstrip("/")
 
@@ -350,7 +349,7 @@ class S3Output(Output):
                                    f"[request-id {request_id}]")
             if code in ACCESS_ERROR_CODES or status == 403:
                 return SourceError(f"S3 refused to {action} {where}: {code} {message} [request-id {request_id}]. "
-                                   f"Use credentials with s3:PutObject on bucket '{self.bucket}'. Not retried.")
+                                   f"Use credentials with s3:ListBucket/GetObject/PutObject on '{self.bucket}'. Not retried.")
             return SourceError(f"cannot {action} {where}: {code} {message} [HTTP {status}, request-id {request_id}]")
         return SourceError(f"cannot {action} {where}: {type(exc).__name__}: {exc}")
 
@@ -391,6 +390,28 @@ class S3Output(Output):
                 raise self._fail(exc, f"delete stale {name} from") from exc
             removed.append(self.describe(name))
         return removed
+
+    def existing_names(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix,
+                                                                      Delimiter="/")  # not in "subfolders"
+        try:
+            return sorted(item["Key"][len(self.prefix):] for page in pages for item in page.get("Contents", [])
+                          if item["Key"] != self.prefix)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "list") from exc
+
+    def read_existing(self, name: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            code, _, _, status = _error_details(exc)  # a BotoCoreError has no response: ("", "", "-", None)
+            if isinstance(exc, ClientError) and (code in MISSING_KEY_CODES or status == 404):
+                return None
+            raise self._fail(exc, f"read {name} in") from exc
 
     def describe(self, name: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(name)}"

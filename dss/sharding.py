@@ -1,6 +1,6 @@
 """Which share of the data this run processes: --limit, then shard i of K.
 
-    shard_index, num_shards, presharded = resolve_sharding(input_uri, None, None, True)
+    shard_index, num_shards, sharded_source = resolve_sharding(input_uri, None, None, True)
     apply_limit_and_shard(plan, source, settings)
 
 Shards are contiguous ranges of each split's sorted ids, so K runs with the same input and
@@ -43,10 +43,11 @@ def apply_limit_and_shard(plan: Plan, source: sources.Source, settings: Preproce
 
 
 def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | None,
-                     use_processing_config: bool) -> tuple[int, int, bool]:
-    """(shard_index, num_shards, presharded) for this run. Explicit flags win; else, in a SageMaker
-    Processing job, this host's index among the job's hosts. ``presharded``: --input is (in) a
-    ShardedByS3Key input, so SageMaker already gave this instance its share and nothing is sliced again."""
+                     use_processing_config: bool) -> tuple[int, int, str | None]:
+    """(shard_index, num_shards, sharded_source) for this run. Explicit flags win; else, in a SageMaker
+    Processing job, this host's index among the job's hosts. ``sharded_source``: when --input is (in) a
+    ShardedByS3Key input, that input's S3 URI (SageMaker already gave this instance its share, so
+    nothing is sliced again, and the URI names the data set every instance writes); else None."""
     job = sagemaker.load_job() if use_processing_config else None
     if job is not None and shard_index is None and num_shards is None:
         shard_index, num_shards = job.shard_index, job.num_shards
@@ -59,4 +60,4 @@ def resolve_sharding(input_uri: str, shard_index: int | None, num_shards: int | 
         cli.log.info(f"--input {input_uri} is the ShardedByS3Key input '{sharded_input.name}' "
                      f"({sharded_input.source}): processing every image SageMaker put here, without slicing "
                      "again; CSV ids whose image went to another instance are counted as in_other_shards")
-    return shard_index or 0, num_shards or 1, sharded_input is not None
+    return shard_index or 0, num_shards or 1, None if sharded_input is None else sharded_input.source

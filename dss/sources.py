@@ -106,6 +106,26 @@ def is_s3_uri(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # matched case-insensitively; no extension is accepted too
+
+
+def id_from_key(key: str) -> str | None:
+    """The sample id of an object key: its file name without an image extension (any case).
+
+    ``a/ZJ000001.JPG`` -> ``ZJ000001``; ``a/ZJ000001`` -> ``ZJ000001``; hidden files and other
+    extensions (``notes.txt``) -> None (not an image candidate).
+    """
+    name = PurePosixPath(key).name
+    if not name or name.startswith("."):
+        return None
+    stem, dot, extension = name.rpartition(".")
+    if not dot:
+        return name
+    if stem and "." + extension.lower() in IMAGE_SUFFIXES:
+        return stem
+    return None
+
+
 # --------------------------------------------------------------------------- base
 class Source:
     """A read-only tree of objects. Subclasses implement ``_list``, ``read``, ``exists`` and ``describe``."""
@@ -284,6 +304,14 @@ class Output:
         """Delete files of ours an earlier run left at the destination; returns what was removed."""
         raise NotImplementedError
 
+    def existing_names(self) -> list[str]:
+        """The file names at the destination's top level now (what earlier runs left), sorted."""
+        raise NotImplementedError
+
+    def read_existing(self, name: str) -> bytes | None:
+        """The bytes of ``name`` at the destination, or None when there is no such file."""
+        raise NotImplementedError
+
     def describe(self, name: str = "") -> str:
         raise NotImplementedError
 
@@ -317,10 +345,23 @@ class LocalOutput(Output):
         removed = []
         for name in names:
             path = self.folder / name
-            if path.is_file():
+            try:
                 path.unlink()
-                removed.append(str(path))
+            except FileNotFoundError:  # gone already (a sibling shard run removed it)
+                continue
+            removed.append(str(path))
         return removed
+
+    def existing_names(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(entry.name for entry in self.folder.iterdir() if entry.is_file())
+
+    def read_existing(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def describe(self, name: str = "") -> str:
         return str(self.folder / name) if name else str(self.folder)

@@ -196,6 +196,7 @@ def scan_split(data_dir: str | os.PathLike, split: str) -> dict:
     files = dataset.find_split_files(data_dir, split)
     data = dataset.merge_shards(files, source=f"{data_dir} ({split})", keep_images=False)
     height, width, _ = data.pop("image_shape")
-    rows = [np.arange(count) for count in data.pop("shard_sizes")]
-    data["images"] = ShardedImages(files, rows, height, width)
+    # An empty shard (N = 0: its run got no image of this split) holds no rows to stream: left out.
+    kept = [(path, np.arange(count)) for path, count in zip(files, data.pop("shard_sizes")) if count]
+    data["images"] = ShardedImages([path for path, _ in kept], [rows for _, rows in kept], height, width)
     return data

@@ -17,12 +17,20 @@ by dss_train.py before it imports torch) cuts the spin to ``SPIN_COUNT`` iterati
 rounds). Measured and not chosen: OMP_WAIT_POLICY=PASSIVE (no spin) lost 24% on the idle machine,
 and a spin of 10,000 collapsed beside one busy process (52); docs/benchmarks.md#cpu-threads. An
 ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` already in the environment wins.
+
+Busy machines: without --num-threads the count also follows the CPUs that other processes leave
+idle (``rebalance``, after the data loads and at every epoch's start): the CPUs allowed minus the
+CPU time others used on them since the last check, at least 1, at most the default. Beside one
+busy process per core on the 2-core VM, 2 threads trained at 85 images/s and 1 at 126: a run takes
+1 there, and 2 on the idle machine (docs/benchmarks.md#cpu-threads). Results on a CPU depend on
+the thread count: give --num-threads for the same numbers on every run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from dss.cli import log
@@ -31,6 +39,10 @@ from dss.cli import log
 SPIN_COUNT = "1000"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
+# Seconds of CPU accounting a rebalance needs before it trusts what others used (the first one
+# waits for the rest: data loading may take less).
+MIN_SAMPLE_S = 0.5
 
 
 def limit_spin_wait(environ: dict | None = None) -> bool:
@@ -91,4 +103,67 @@ def apply(requested: int | None) -> int:
         why += "; set --num-threads to change"
     torch.set_num_threads(count)
     log.info(f"CPU threads: {count} ({why})")
+    global _governor
+    _governor = None if requested else _Governor(count, _affinity())
     return count
+
+
+def _affinity() -> set[int]:
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def busy_seconds(cpus: set[int], stat_path: Path = PROC_STAT) -> float | None:
+    """CPU seconds the CPUs ``cpus`` have spent busy since boot (everything but idle and iowait, from
+    /proc/stat's per-CPU lines), or None where there is no readable /proc/stat."""
+    try:
+        lines = stat_path.read_text().splitlines()
+    except OSError:
+        return None
+    jiffies = 0
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            counts = [int(value) for value in values[:8]]  # user nice system idle iowait irq softirq steal
+            jiffies += sum(counts) - counts[3] - counts[4]
+    return jiffies / os.sysconf("SC_CLK_TCK")
+
+
+class _Governor:
+    """The default thread count (``ceiling``) lowered while other processes keep the CPUs busy."""
+
+    def __init__(self, ceiling: int, cpus: set[int], stat_path: Path = PROC_STAT):
+        self.ceiling, self.cpus, self.stat_path = ceiling, cpus, stat_path
+        self.mark = self._sample()
+
+    def _sample(self) -> tuple[float, float, float | None]:
+        """(wall seconds, this process's CPU seconds, busy CPU seconds of ``cpus``)."""
+        return time.monotonic(), time.process_time(), busy_seconds(self.cpus, self.stat_path)
+
+    def rebalance(self, wait: bool) -> int:
+        import torch
+
+        if wait:  # the first check: let enough time pass to see what others use
+            time.sleep(max(0.0, MIN_SAMPLE_S - (time.monotonic() - self.mark[0])))
+        now = self._sample()
+        (wall, own, busy), (wall_0, own_0, busy_0) = now, self.mark
+        current = torch.get_num_threads()
+        if busy is None or busy_0 is None or wall - wall_0 < MIN_SAMPLE_S:
+            return current
+        self.mark = now
+        others = max(0.0, (busy - busy_0) - (own - own_0)) / (wall - wall_0)  # CPUs' worth busy with other work
+        count = max(1, min(self.ceiling, round(len(self.cpus) - others)))
+        if count != current:
+            torch.set_num_threads(count)
+            log.info(f"CPU threads: {count} (other processes kept {others:.1f} of {len(self.cpus)} CPUs busy; "
+                     "--num-threads N fixes the count)")
+        return count
+
+
+_governor: _Governor | None = None  # set by ``apply`` when --num-threads was not given
+
+
+def rebalance(wait: bool = False) -> int | None:
+    """Without --num-threads: set torch's thread count to the CPUs other processes left idle since
+    the last call (or since ``apply``), within 1..the default; ``wait``: sample at least
+    ``MIN_SAMPLE_S`` first. Returns the count, None when --num-threads fixed it."""
+    return _governor.rebalance(wait) if _governor is not None else None

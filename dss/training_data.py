@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dss import checkpoint, cli, dataset, loader, reporting, split, streaming
+from dss import checkpoint, cli, dataset, fingerprints, loader, reporting, split, streaming
 from dss.cli import log
 from dss.training import Settings
 
@@ -72,7 +72,7 @@ def choose_memory_mode(requested: str, split_bytes: int, checkpoint_dir: Path | 
     mode they were made with (streamed data draws batches in another order), else
     ``streaming.choose_memory_mode`` decides from the free host memory."""
     chosen = streaming.choose_memory_mode(requested, split_bytes)
-    saved = checkpoint.saved_setting(checkpoint_dir, "data_in_memory") if requested == "auto" else None
+    saved = fingerprints.saved_setting(checkpoint_dir, "data_in_memory") if requested == "auto" else None
     if saved == "stream" and chosen != "stream":
         log.info("images in memory: stream, as the checkpoints in --checkpoint-dir were made (their batch order)")
         return "stream"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dss.labels import LabelsError, RowProblem, read_features, read_labels
+from dss.labels import LabelsError, RowProblem, read_features, read_labels, rejected_by_id, rejected_rows_report
 
 CLASSES = ["antelope_duiker", "bird", "blank", "civet_genet", "hog", "leopard", "monkey_prosimian", "rodent"]
 ONE_HOT_HEADER = "id," + ",".join(CLASSES)
@@ -86,6 +86,18 @@ def test_b1_bad_one_hot_rows_are_rejected_with_their_lines(tmp_path):
     reasons = {problem.id: problem.reason for problem in table.problems}
     assert "exactly one 1" in reasons["two"] and "exactly one 1" in reasons["none"]
     assert "'2'" in reasons["spaced"] and "empty id" in reasons[""]
+
+
+def test_rejected_rows_are_reported_with_file_line_and_reason_first_five_shown(tmp_path):
+    lines = [ONE_HOT_HEADER, one_hot_row("good", 0)] + [one_hot_row(f"bad{n}", 0, one="0") for n in range(7)]
+    table = read_labels(write(tmp_path, "\n".join(lines) + "\n"))
+    assert table.classes_from == "header"
+    report = rejected_rows_report(table.problems).splitlines()
+    assert report[0] == "WARNING: 7 row(s) rejected (not used; the summary lists every one):"
+    assert report[1] == f"  - {tmp_path / 'train_labels.csv'} line 3 (id 'bad0'): {table.problems[0].reason}"
+    assert len(report) == 1 + 5 + 1 and report[-1] == "  ... and 2 more"
+    assert rejected_by_id(table.problems)["bad6"] == f"train_labels.csv line 9: {table.problems[6].reason}"
+    assert read_labels(write(tmp_path, "id,label\na,cat\n")).classes_from == "label column"
 
 
 def test_b1_bad_label_column_values(tmp_path):

@@ -208,8 +208,12 @@ def test_images_only_folder_becomes_test_split(tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     out.mkdir()
+    # A pickle no summary vouches for is another data set's: refused, untouched, until --overwrite.
     (out / "train_data.pkl").write_bytes(b"from an earlier run")  # this input has no train split
-    result = run_ok(["--input", folder, "--output-dir", out, "--image-size", SIZE, "--workers", 1])
+    refused = run_script("preprocess.py", ["--input", folder, "--output-dir", out, "--image-size", SIZE])
+    assert refused.returncode == 2 and "--overwrite true" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["train_data.pkl"]
+    result = run_ok(["--input", folder, "--output-dir", out, "--image-size", SIZE, "--workers", 1, "--overwrite", "true"])
     assert "treating all 3 images as TEST images" in result.stdout
     assert f"Removed {out / 'train_data.pkl'} (left by an earlier run" in result.stdout
     assert not (out / "train_data.pkl").exists()
@@ -243,7 +247,11 @@ def test_default_input_with_a_nested_dataset_names_the_folder_and_touches_nothin
     out = tmp_path / "output"
     out.mkdir()
     (out / "train_data.pkl").write_bytes(b"from an earlier run")
-    result = run_script("preprocess.py", ["--output-dir", "./output"], cwd=tmp_path)
+    # No summary says whose the pickle is: refused before the listing; with --overwrite, the listing
+    # names the dataset folder and still touches nothing.
+    guarded = run_script("preprocess.py", ["--output-dir", "./output"], cwd=tmp_path)
+    assert guarded.returncode == 2 and "--overwrite" in guarded.stderr and "TEST images" not in guarded.stdout
+    result = run_script("preprocess.py", ["--output-dir", "./output", "--overwrite"], cwd=tmp_path)
     assert result.returncode != 0
     assert "--input data/demo" in result.stderr and "train_labels.csv" in result.stderr
     assert "Traceback" not in result.stderr and "TEST images" not in result.stdout
@@ -433,6 +441,37 @@ def test_ids_stay_strings_and_missing_objects_are_counted(tmp_path):
     assert any(problem["line"] == 6 for problem in summary["csv_problems"])
 
 
+def test_rejected_label_rows_and_the_class_list_are_on_the_console(tmp_path):
+    """Rejected rows of train_labels.csv are printed (how many, the first 5 with file, line, reason),
+    the class list read from the header too (a misspelt class column shows), and the summary calls
+    their images what they are: images of rejected rows, not objects without a row."""
+    train = {f"id{i}": (jpeg(colour=(i * 30, 10, 10)), ("cat", "leoprad")[i % 2], "S1") for i in range(9)}
+    root = write_dataset(tmp_path / "data", train, None, classes=("cat", "leoprad"))
+    lines = (root / "train_labels.csv").read_text().splitlines()
+    lines[1] = "id0,l.0,0.0"                      # line 2: "l.0" is no 0/1
+    lines[2] = "id1,1.0,1.0"                      # line 3: two 1s
+    for number in range(3, 8):                    # lines 4-8: no 1
+        lines[number] = f"id{number - 1},0.0,0.0"
+    (root / "train_labels.csv").write_text("\n".join(lines) + "\n")
+    (root / "train_features" / "stray.jpg").write_bytes(jpeg())  # an object with no row at all
+    out = tmp_path / "out"
+    result = run_ok(["--input", root, "--output-dir", out, "--image-size", SIZE, "--workers", 1])
+    labels_csv = root / "train_labels.csv"
+    assert "Labels loaded: 2 rows, 7 rejected" in result.stdout
+    assert "WARNING: 7 row(s) rejected" in result.stdout
+    assert f"  - {labels_csv} line 2 (id 'id0'): " in result.stdout and "'l.0'" in result.stdout
+    assert f"  - {labels_csv} line 3 (id 'id1'): " in result.stdout and "exactly one 1" in result.stdout
+    assert f"{labels_csv} line 6 (id" in result.stdout and f"{labels_csv} line 7 (id" not in result.stdout
+    assert "  ... and 2 more" in result.stdout
+    assert "Classes (2, from train_labels.csv header): cat, leoprad" in result.stdout
+    text = (out / "preprocessing_summary.txt").read_text()
+    assert "7 object(s) in train_features/ are the images of rejected CSV rows" in text
+    assert "train_features/id0.jpg (train_labels.csv line 2: " in text
+    assert "1 object(s) in train_features/ have no row in the CSV (not used), e.g. ['train_features/stray.jpg']" in text
+    split = read_summary(out)["splits"]["train"]
+    assert split["notes"]["unreferenced_objects"]["count"] == 8 and split["notes"]["objects_of_rejected_rows"] == 7
+
+
 def test_empty_labels_csv_fails_without_output(tmp_path):
     """B7: a labels file with a header and no rows -> 'empty dataset' error, exit != 0, no pickle."""
     root = write_dataset(tmp_path / "data", _two_class_train(2), None, labels_text="id,cat,dog\n")
@@ -542,6 +581,51 @@ def test_no_credentials_fails_before_any_work(s3_server, tmp_path):
     assert result.returncode != 0
     assert "Unable to locate credentials" in result.stderr
     assert not out.exists()
+
+
+def test_an_image_size_above_the_bound_is_refused_at_once_in_both_scripts(demo_data, tmp_path):
+    """--image-size 100000 (28 GiB per decoded image) is refused by the parser, with the numbers."""
+    from dss import cli, training_args
+
+    result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", tmp_path / "out",
+                                          "--image-size", "100000"], timeout=60)
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert f"expected at most {cli.MAX_IMAGE_SIZE} px, got '100000'" in result.stderr
+    assert "100000 x 100000 x 3 bytes = 27.9 GiB" in result.stderr
+    assert cli.image_size("4096") == 4096 and cli.image_size("32") == 32
+    parser = training_args.build_parser()  # dss_train.py's --image-size shares the parser
+    assert parser.parse_args(["--image-size", "4096"]).image_size == 4096
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--image-size", "4097"])
+
+
+def test_a_decode_worker_killed_by_the_os_is_reported_with_the_memory_numbers(tmp_path):
+    """A decode process SIGKILLed (what the OOM killer does) ends the run with the likely cause and
+    the numbers: image size, bytes per decoded image, workers, MemAvailable."""
+    import signal
+    import time
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number in range(40):
+        (folder / f"cam_{number:03d}.jpg").write_bytes(jpeg(colour=(number * 5, 30, 30)))
+    source = sources.open_source(folder)
+    settings = planning.PreprocessSettings(input_uri=str(folder), image_size=64, workers=2, quiet=True)
+    plan = planning.plan_dataset(source, settings.layout)
+    with building.decode_pool(2) as pool:
+        deadline = time.monotonic() + 60
+        while len(pool._processes) < 2 and time.monotonic() < deadline:  # both workers started
+            time.sleep(0.05)
+        os.kill(next(iter(pool._processes)), signal.SIGKILL)
+        while not pool._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(planning.PreprocessError) as caught:
+            building.build_split(source, plan, plan.splits[0], 1, settings, pool, tmp_path)
+    message = str(caught.value)
+    assert "a decode worker process died" in message and "the OS killed it (out of memory)" in message
+    assert "--image-size 64 image of 12.0 KiB (64 x 64 x 3 bytes)" in message
+    assert "Each of the 2 decode worker(s)" in message and "Try fewer --workers" in message
+    assert "available now (MemAvailable)" in message or "available memory unknown" in message
 
 
 def test_unwritable_output_fails_before_download(demo_data, tmp_path):

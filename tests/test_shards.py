@@ -4,11 +4,13 @@ the shard folder directly. Real subprocess runs of preprocess.py and dss_train.p
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from dss import dataset
+from dss import dataset, streaming
+from dss.sample import write_demo_dataset
 from tests.conftest import DEMO_SHARDS as NUM_SHARDS, run_script
 
 
@@ -52,3 +54,45 @@ def test_training_reads_the_shard_folder(demo_shards, tmp_path):
     whole = dataset.load_split(demo_shards, "test")
     rows = (models / "test_predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(whole["ids"])
+
+
+def _shard_runs(data, out, count: int) -> None:
+    for index in range(count):
+        result = run_script("preprocess.py", ["--input", data, "--output-dir", out, "--image-size", "32", "--workers",
+                                              "1", "--num-shards", count, "--shard-index", index, "--quiet"])
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_shard_without_test_images_writes_an_empty_pickle_and_stale_shards_are_swept(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_demo_dataset(data, n_train=48, n_test=6, seed=1, scale=0.1)
+    _shard_runs(data, out, 3)  # an earlier run: 6 test images, 2 per shard
+    lines = (data / "test_features.csv").read_text().splitlines()
+    (data / "test_features.csv").write_text("\n".join(lines[:3]) + "\n")  # 2 test ids: shard 0 of 3 gets none
+    kept_ids = sorted(line.split(",")[0] for line in lines[1:3])
+    _shard_runs(data, out, 3)
+
+    empty = dataset.load_file(out / "test_data-00000-of-00003.pkl")  # N = 0, the same schema
+    other = dataset.load_file(out / "test_data-00001-of-00003.pkl")
+    assert empty["images"].shape == (0, 32, 32, 3) and empty["images"].dtype == np.uint8
+    assert empty["ids"] == [] and empty["labels"] is None and empty["class_names"] == other["class_names"]
+    assert set(empty["meta"]) == set(other["meta"]) and empty["info"]["split"] == "test"
+    assert (out / "test_metadata-00000-of-00003.csv").read_text().count("\n") == 1  # the header alone
+    assert json.loads((out / "preprocessing_summary-00000-of-00003.json").read_text())["splits"]["test"]["written"] == 0
+    # Every shard is there, the earlier run's rows of shard 0 are not: loaded whole and streamed.
+    assert dataset.load_split(out, "test")["ids"] == kept_ids
+    streamed = streaming.scan_split(out, "test")
+    assert streamed["ids"] == kept_ids and len(streamed["images"]) == 2
+    models = tmp_path / "models"
+    trained = run_script("dss_train.py", ["--data-dir", out, "--model-dir", models, "--epochs", "1", "--batch-size",
+                                          "16", "--weights", "none", "--num-threads", "1", "--data-in-memory", "stream"])
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert len((models / "test_predictions.csv").read_text().strip().splitlines()) == 1 + 2
+
+    _shard_runs(data, out, 2)  # another K: each new shard sweeps its share of the old K's files
+    assert not list(out.glob("*-of-00003.*"))
+    assert dataset.load_split(out, "test")["ids"] == kept_ids
+    (data / "test_features.csv").unlink()
+    shutil.rmtree(data / "test_features")
+    _shard_runs(data, out, 2)  # a split these shards no longer have: their own test files go
+    assert not list(out.glob("test_*")) and len(dataset.load_split(out, "train")["ids"]) == 48
