@@ -93,7 +93,6 @@ def train(settings: training.Settings, context: distributed.Context, stop: stopp
         outputs.write_all_outputs(result, settings.keep_previous)
         run.tracker.log_metrics({**result.headline(), "test_images": data.num_test_images})
         run.tracker.log_outputs(settings.output_dir, settings.model_dir, settings.mlflow_log_model)
-        stop.check("after writing every output (the run is complete)", resumable)
     log.info(result.metrics_line())
     log.info(f"done in {time.monotonic() - started:.1f} s: {result.summary()}; "
              f"model in {settings.model_dir}, outputs in {settings.output_dir}")
@@ -214,6 +213,8 @@ def run(settings: training.Settings, stop: stopping.StopFlag) -> None:
     try:
         train(settings, context, stop.bind(context))
         distributed.barrier(context)  # rank 0 has written every output
+        # Every rank checks here (not only rank 0 after its outputs: the ranks agree through a collective).
+        stop.check("after writing every output (the run is complete)", settings.checkpoint_dir is not None)
     finally:
         distributed.teardown(context)
         cli.setup_logging(enabled=True)

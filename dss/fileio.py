@@ -186,15 +186,9 @@ class StagedFiles:
     def publish(self) -> list[Path]:
         """Move every staged file onto its final name; returns the paths removed as stale.
 
-        Every check that can fail is done before the first rename, so an error leaves all final
-        names as they were (renames within one folder do not fail short of a crash)."""
-        for staged, final in self._staged:
-            if not staged.is_file():
-                raise FileNotFoundError(f"{staged}: nothing was written for {final}")
-        for final in [final for _, final in self._staged] + self._remove:
-            if final.is_dir() and not final.is_symlink():
-                raise IsADirectoryError(f"{final} is a directory: cannot replace it with this run's file; "
-                                        "move it away and re-run")
+        Every check that can fail (``check``) is done before the first rename, so an error leaves
+        all final names as they were (renames within one folder do not fail short of a crash)."""
+        self.check()
         removed = []
         for final in self._remove:
             if final.is_file() or final.is_symlink():
@@ -205,6 +199,16 @@ class StagedFiles:
         for folder in {final.parent for _, final in self._staged} | {final.parent for final in self._remove}:
             fsync_folder(folder)
         return removed
+
+    def check(self) -> None:
+        """Raise what would stop ``publish``: a staged file missing, a final name that is a folder."""
+        for staged, final in self._staged:
+            if not staged.is_file():
+                raise FileNotFoundError(f"{staged}: nothing was written for {final}")
+        for final in [final for _, final in self._staged] + self._remove:
+            if final.is_dir() and not final.is_symlink():
+                raise IsADirectoryError(f"{final} is a directory: cannot replace it with this run's file; "
+                                        "move it away and re-run")
 
     def discard(self) -> None:
         """Delete the staging folders and whatever is still in them."""

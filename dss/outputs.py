@@ -340,9 +340,10 @@ def write_all_outputs(result: RunResult, keep_previous: int) -> None:
         # model.pth staged (so published) last: its presence means the whole run succeeded.
         model_lib.save_model_artifact(stage.path(model_dir / model_lib.MODEL_FILENAME), network, class_names,
                                       result.preprocessing, result.hyperparameters, other_members=result.members[1:])
-        previous_runs.set_aside(model_dir, output_dir, result.config["run_key"], keep_previous, MODEL_FILES,
-                                OUTPUT_FILES)
+        stage.check()  # what could stop the publishing fails here, before the earlier run is moved
+        moved = previous_runs.set_aside(model_dir, output_dir, result.config["run_key"], MODEL_FILES, OUTPUT_FILES)
         for removed in stage.publish():
             log.info(f"removed {removed} (from an earlier run; this data has no test split)")
+        previous_runs.prune(moved, keep_previous)
     if result.test is not None:
         log.info(f"test predictions: {test_summary['num_images']} rows -> {test_path} (submission), {readable_path}")

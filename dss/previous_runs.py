@@ -6,8 +6,10 @@ id>/`` when the output dir is elsewhere), with the weekly predictions it made
 
 A run is identified by config.json's ``run_key``: sha256 of the data and every setting that
 changes results. A re-run of the same settings on the same data (e.g. a resumed run) has the same
-key and replaces its own files. A folder of files without a readable config.json (a run of an
-earlier version, or a failed copy) counts as another run: it is moved, never replaced.
+key and replaces its own files. A model.pth without a readable config.json (a run of an earlier
+version) counts as another run: it is moved, never replaced. Files of a run's names without a
+model.pth beside them are not a run, and are left to be replaced as before. Pruning deletes only
+folders named as run ids, never other folders a user keeps in ``previous/``.
 
 Each moved folder is a model dir of its own: ``dss_train.py --predict-only --model-dir
 <model dir>/previous/<run id>`` serves the earlier model.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +31,9 @@ from dss.cli import log
 PREVIOUS_DIR = "previous"
 PREDICTIONS_DIR = "predictions"  # --predict-only's default folders, made by the model beside them
 CONFIG = "config.json"
+MODEL = "model.pth"  # its presence makes a folder's files a run
+# The folders ``set_aside`` names: run id (or start time + "-unknown"), then "-2", "-3" on a clash.
+RUN_FOLDER = re.compile(r"^\d{8}-\d{6}-([0-9a-f]{6}|unknown)(-\d+)?$")
 
 
 def run_key(data_sha256: str, recipe: dict) -> str:
@@ -73,15 +79,16 @@ def _free_folder(parent: Path, name: str) -> Path:
     return candidate
 
 
-def set_aside(model_dir: Path, output_dir: Path, key: str, keep: int, model_files: tuple[str, ...],
-              output_files: tuple[str, ...]) -> Path | None:
+def set_aside(model_dir: Path, output_dir: Path, key: str, model_files: tuple[str, ...],
+              output_files: tuple[str, ...]) -> list[Path]:
     """Move the run in ``model_dir``/``output_dir`` (its ``model_files``, ``output_files`` and
-    predictions folder) into ``previous/<run id>/`` unless it has this run's ``key``; prune to the
-    newest ``keep``. Returns where the model dir's part went (None: nothing moved)."""
+    predictions folder) into ``previous/<run id>/`` unless it has this run's ``key``. Returns the
+    folders it moved them to (model dir's first; empty: nothing moved); ``prune`` them after the
+    new run is published."""
     present = _present(model_dir, output_dir, model_files, output_files)
     config = _earlier_config(model_dir)
-    if not present or config.get("run_key") == key:
-        return None  # an empty folder, or this run's own files (same data and settings): replaced
+    if not (model_dir / MODEL).is_file() or config.get("run_key") == key:
+        return []  # no earlier model, or this run's own files (same data and settings): replaced
     run_id = _earlier_run_id(config, present)
     targets = {"model": _free_folder(model_dir / PREVIOUS_DIR, run_id)}
     targets["output"] = (targets["model"] if output_dir.resolve() == model_dir.resolve()
@@ -95,14 +102,21 @@ def set_aside(model_dir: Path, output_dir: Path, key: str, keep: int, model_file
     log.info(f"the earlier run in {model_dir} (run id {run_id}; other settings or data) was moved to {targets['model']}"
              + (f" (its outputs to {targets['output']})" if targets["output"] != targets["model"] else "")
              + f": {names}. Its model serves with --predict-only --model-dir {targets['model']}")
-    for folder in {targets["model"].parent, targets["output"].parent}:
-        prune(folder, keep)
-    return targets["model"]
+    return [folder for folder in dict.fromkeys((targets["model"], targets["output"])) if folder.is_dir()]
 
 
-def prune(previous_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` runs in ``previous_dir`` (run ids sort by start time)."""
-    runs = sorted((entry for entry in previous_dir.iterdir() if entry.is_dir()), key=lambda entry: entry.name)
+def prune(moved: list[Path], keep: int) -> list[Path]:
+    """In the ``previous/`` folders of the run folders ``set_aside`` made, delete all but the newest
+    ``keep`` runs (run ids sort by start time). Returns the folders deleted."""
+    removed = []
+    for previous_dir in dict.fromkeys(folder.parent for folder in moved):
+        removed += _prune_folder(previous_dir, keep)
+    return removed
+
+
+def _prune_folder(previous_dir: Path, keep: int) -> list[Path]:
+    runs = sorted((entry for entry in previous_dir.iterdir() if entry.is_dir() and RUN_FOLDER.match(entry.name)),
+                  key=lambda entry: entry.name)
     removed = runs[:max(len(runs) - keep, 0)]
     for folder in removed:
         shutil.rmtree(folder)

@@ -145,7 +145,7 @@ def _stale_files(output: sources.Output, settings: PreprocessSettings, produced:
     """(name, why) of the files earlier runs left that this run supersedes: its own names for a split this
     input no longer has; this data set's files at another shard count (old shard j goes with new shard
     j mod K, so each old file is removed by exactly one new run); with --overwrite, another data set's
-    files. Never other shards' files of this run's K."""
+    files at another shard count. Never other shards' files of this run's K (each sibling replaces its own)."""
     ours, own = reporting.dataset_identity(settings), (settings.shard_index, settings.num_shards)
     stale = []
     for shard, written in _earlier_runs(output).items():
@@ -156,7 +156,10 @@ def _stale_files(output: sources.Output, settings: PreprocessSettings, produced:
             if shard[1] != settings.num_shards and shard[0] % settings.num_shards == settings.shard_index:
                 stale += [(name, f"this data set as {shard[1]} shard(s); now {settings.num_shards}")
                           for name in written.names]
-        elif settings.overwrite and _is_other_dataset(shard, written, ours, settings):
+        elif settings.overwrite and shard[1] != settings.num_shards and _is_other_dataset(shard, written, ours,
+                                                                                            settings):
+            # Same-K siblings are left alone: each replaces its own files, and one may be publishing
+            # its new pickles right now, before its summary says so.
             stale += [(name, "another data set's (--overwrite)") for name in written.names]
     return stale
 

@@ -104,7 +104,9 @@ def apply(requested: int | None) -> int:
     torch.set_num_threads(count)
     log.info(f"CPU threads: {count} ({why})")
     global _governor
-    _governor = None if requested else _Governor(count, _affinity())
+    # A count the user chose (the flag, or OMP_NUM_THREADS/MKL_NUM_THREADS) is kept as chosen.
+    chosen = requested or any(os.environ.get(name) for name in THREAD_ENV_VARS)
+    _governor = None if chosen else _Governor(count, _affinity())
     return count
 
 
@@ -163,7 +165,7 @@ _governor: _Governor | None = None  # set by ``apply`` when --num-threads was no
 
 
 def rebalance(wait: bool = False) -> int | None:
-    """Without --num-threads: set torch's thread count to the CPUs other processes left idle since
-    the last call (or since ``apply``), within 1..the default; ``wait``: sample at least
-    ``MIN_SAMPLE_S`` first. Returns the count, None when --num-threads fixed it."""
+    """Without --num-threads (or OMP_NUM_THREADS): set torch's thread count to the CPUs other
+    processes left idle since the last call (or since ``apply``), within 1..the default; ``wait``:
+    sample at least ``MIN_SAMPLE_S`` first. Returns the count, None when the user fixed it."""
     return _governor.rebalance(wait) if _governor is not None else None

@@ -7,6 +7,8 @@ loss and schedule, and the per-epoch record and log lines (the stop flag: dss.st
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import platform
 import random
 import signal
@@ -140,7 +142,9 @@ class Settings:
         if args.val_fraction is not None and args.folds > 1:
             log.warning(f"warning: --val-fraction {args.val_fraction} is unused with --folds {args.folds}: "
                         "every fold is validated once")
-        val_fraction = training_args.DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        # Unused with K > 1 folds: None then, so it neither refuses a resume nor tells runs apart.
+        val_fraction = (None if args.folds > 1 else
+                        training_args.DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction)
         resolved = {"tta": tta, "val_fraction": val_fraction, "data_dir": Path(data_dir), "model_dir": Path(model_dir),
                     "output_dir": Path(args.output_dir or sagemaker_output or local_output),
                     "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
@@ -168,10 +172,21 @@ class Settings:
 
 def recipe(settings: Settings, data: TrainingData) -> dict:
     """``settings.recipe`` with what the run resolved from the data and the machine: the split
-    (site or random), the network input size, the device type and how batches are drawn
-    (``data.batch_source``: streamed shard by shard, or from the whole split in memory)."""
+    (site or random), the network input size, the device type, how batches are drawn
+    (``data.batch_source``: streamed shard by shard, or from the whole split in memory) and, for a
+    --weights file, its content (fine-tuning twice from one path may start from two models)."""
     return settings.recipe({"split_by": data.split_by, "image_size": data.input_size, "device": data.device.type,
-                            "data_in_memory": data.batch_source})
+                            "data_in_memory": data.batch_source, "weights": weights_identity(settings.weights)})
+
+
+@functools.cache
+def weights_identity(weights: str) -> str:
+    """--weights as the fingerprint sees it: 'imagenet' and 'none' as given, a file as its path and sha256."""
+    path = Path(weights)
+    if weights in ("imagenet", "none") or not path.is_file():
+        return weights  # a missing file fails where the network is built, with its own message
+    with open(path, "rb") as handle:
+        return f"{weights} (sha256 {hashlib.file_digest(handle, 'sha256').hexdigest()})"
 
 
 def checkpoint_fingerprint(settings: Settings, data: TrainingData, context: distributed.Context,

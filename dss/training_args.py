@@ -102,8 +102,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="initial weights: 'imagenet' (torchvision download/cache), 'none' (random) "
                             "or a PATH to a state dict / model.pth")
     _add(train, "--image-size", True, type=cli.image_size, default=None,
-                       help=f"network input size in px, at least {cli.MIN_IMAGE_SIZE} [default: the size stored in "
-                            "the pickles]")
+         help=f"network input size in px, {cli.MIN_IMAGE_SIZE} to {cli.MAX_IMAGE_SIZE} [default: the size "
+              "stored in the pickles]")
     _add(train, "--seed", True, type=int, default=0, help="seed for the split, initialisation and batches")
     split_group = parser.add_argument_group("validation split")
     _add(split_group, "--val-fraction", True, type=cli.fraction, default=None,

@@ -77,9 +77,11 @@ def choose_memory_mode(requested: str, split_bytes: int, checkpoint_dir: Path | 
         log.info("images in memory: stream, as the checkpoints in --checkpoint-dir were made (their batch order)")
         return "stream"
     if saved == "memory" and chosen == "stream":
-        log.info("images in memory: device, as the checkpoints in --checkpoint-dir were made (their batch order), "
-                 "although free host memory is short for it now")
-        return "device"
+        raise dataset.DatasetError(
+            f"the checkpoints in {checkpoint_dir} were made with the images in memory, but the train pickles "
+            f"({split_bytes / 2**30:.1f} GiB) no longer fit the free host memory, so --data-in-memory auto would "
+            "stream them (another batch order): free memory and re-run, or pass --data-in-memory device to try "
+            "in memory anyway, or start fresh with a new --checkpoint-dir (streamed)")
     return chosen
 
 

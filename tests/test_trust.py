@@ -88,22 +88,28 @@ def _fake_run(folder: Path, run_id: str | None, key: str = "k") -> None:
     (folder / "metrics.json").write_text("{}")
 
 
+def _set_aside(model_dir: Path, output_dir: Path, key: str, keep: int) -> list[Path]:
+    moved = previous_runs.set_aside(model_dir, output_dir, key, outputs.MODEL_FILES, outputs.OUTPUT_FILES)
+    previous_runs.prune(moved, keep)
+    return moved
+
+
 def test_previous_runs_keeps_the_newest_and_moves_unrecorded_runs_too(tmp_path):
     models = tmp_path / "models"
+    (models / "previous" / "my-best-run").mkdir(parents=True)  # the user's own folder: never pruned
     for number in range(4):
         _fake_run(models, f"2026120{number + 1}-000000-aaaaaa", key=str(number))
-        previous_runs.set_aside(models, models, key="new", keep=2, model_files=outputs.MODEL_FILES,
-                                output_files=outputs.OUTPUT_FILES)
+        _set_aside(models, models, key="new", keep=2)
     assert sorted(entry.name for entry in (models / "previous").iterdir()) == \
-        ["20261203-000000-aaaaaa", "20261204-000000-aaaaaa"]
-    _fake_run(models, None)  # files of an earlier version, no config.json: moved, never replaced
-    moved = previous_runs.set_aside(models, models, key="new", keep=5, model_files=outputs.MODEL_FILES,
-                                    output_files=outputs.OUTPUT_FILES)
-    assert moved is not None and moved.name.endswith("-unknown") and (moved / "model.pth").read_bytes() == b"old"
+        ["20261203-000000-aaaaaa", "20261204-000000-aaaaaa", "my-best-run"]
+    _fake_run(models, None)  # a model of an earlier version, no config.json: moved, never replaced
+    (moved, *_) = _set_aside(models, models, key="new", keep=5)
+    assert moved.name.endswith("-unknown") and (moved / "model.pth").read_bytes() == b"old"
     _fake_run(models, "20261209-000000-bbbbbb", key="same")
-    assert previous_runs.set_aside(models, models, key="same", keep=5, model_files=outputs.MODEL_FILES,
-                                   output_files=outputs.OUTPUT_FILES) is None
+    assert _set_aside(models, models, key="same", keep=5) == []
     assert (models / "model.pth").exists()
+    (models / "model.pth").unlink()  # outputs without a model are no run: left to be replaced
+    assert _set_aside(models, models, key="new", keep=5) == [] and (models / "metrics.json").exists()
 
 
 def test_outputs_in_another_output_dir_move_into_its_own_previous_folder(tmp_path):
@@ -111,10 +117,23 @@ def test_outputs_in_another_output_dir_move_into_its_own_previous_folder(tmp_pat
     _fake_run(models, "20261201-000000-aaaaaa")
     results.mkdir()
     (results / "metrics.json").write_text('{"old": 1}')
-    previous_runs.set_aside(models, results, key="new", keep=5, model_files=outputs.MODEL_FILES,
-                            output_files=outputs.OUTPUT_FILES)
+    _set_aside(models, results, key="new", keep=5)
     assert (results / "previous" / "20261201-000000-aaaaaa" / "metrics.json").read_text() == '{"old": 1}'
     assert (models / "previous" / "20261201-000000-aaaaaa" / "model.pth").is_file()
+    # The next run writes its outputs to a fresh folder: only the model dir has an earlier run.
+    _fake_run(models, "20261202-000000-aaaaaa")
+    moved = _set_aside(models, tmp_path / "fresh", key="newer", keep=5)
+    assert moved == [models / "previous" / "20261202-000000-aaaaaa"]
+
+
+def test_a_run_that_cannot_publish_moves_nothing(demo_pickles, tmp_path):
+    models = tmp_path / "models"
+    assert train(demo_pickles, models).returncode == 0
+    (models / "metrics.csv").unlink()
+    (models / "metrics.csv").mkdir()  # publishing this run's metrics.csv must fail
+    result = train(demo_pickles, models, "--learning-rate", "0.003")
+    assert result.returncode == 1 and "is a directory" in result.stderr
+    assert (models / "model.pth").is_file() and not (models / "previous").exists()
 
 
 # --------------------------------------------------------------------------- 3. one declaration per setting
@@ -322,3 +341,14 @@ def test_an_unreadable_preprocessing_summary_fails_before_training(demo_pickles,
     assert result.returncode == 1
     assert "preprocessing_summary.json: unreadable preprocessing summary" in result.stderr
     assert "epoch 1/" not in result.stdout
+
+
+def test_auto_refuses_to_stream_a_resume_whose_checkpoints_were_made_in_memory(tmp_path, monkeypatch):
+    """Free host memory cannot be made short here: the reading of it is replaced by a small number."""
+    manager = checkpoint.CheckpointManager(tmp_path, keep=1, log=lambda line: None)
+    manager.save({"model": {}}, epoch=1, step=10, fingerprint={"data_in_memory": "memory"})
+    monkeypatch.setattr(training_data.streaming, "available_host_bytes", lambda: 1 << 20)
+    with pytest.raises(training_data.dataset.DatasetError) as error:
+        training_data.choose_memory_mode("auto", 1 << 30, tmp_path)
+    assert "made with the images in memory" in str(error.value) and "--data-in-memory device" in str(error.value)
+    assert training_data.choose_memory_mode("auto", 1 << 30, None) == "stream"  # no checkpoints: streamed
