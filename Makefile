@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-mlflow.tx
 
 # The main job on embedded demo data: synthetic images -> pickles -> trained model + predictions.
 demo: venv
-	$(PY) -m dss.sample $(DEMO_DIR)
+	$(PY) -m dss.demo $(DEMO_DIR)
 	$(PY) preprocess.py --input $(DEMO_DIR) --output-dir $(DEMO_OUT) --image-size 64
 	$(PY) dss_train.py --data-dir $(DEMO_OUT) --model-dir $(DEMO_MODELS) --weights none --epochs 8
 

@@ -14,7 +14,7 @@ preprocessing, the temperature; ``torch.load(weights_only=True)``), ``config.jso
 the model dir, ``SM_OUTPUT_DATA_DIR`` under SageMaker): metrics, splits, validation and test
 predictions, plots and where it fails (site_metrics.csv, calibration.png, top_losses.png), replaced
 together once all are written. ``--predict-only`` writes into a folder per data dir
-(dss/predicting.py). Each epoch prints a per-class F1 line and one line for SageMaker ``metric_definitions``:
+(dss/predict/predicting.py). Each epoch prints a per-class F1 line and one line for SageMaker ``metric_definitions``:
 
     [METRICS] epoch=3 train_loss=0.4123 train_acc=0.8512 val_loss=0.5000 val_acc=0.8000 val_logloss=0.5100
 
@@ -46,11 +46,13 @@ threads.limit_spin_wait()  # before torch loads its OpenMP runtime, which reads 
 import numpy as np
 import torch
 
-from dss import checkpoint, cli, dataset, distributed, engine, metrics, outputs, sagemaker
-from dss import model as model_lib
-from dss import crossval, finishing, predicting, stopping, tracking, training, training_args, training_data
+from dss import cli, distributed, fileio, metrics, sagemaker, stopping
 from dss.cli import log
-from dss.serve import input_fn, model_fn, output_fn, predict_fn
+from dss.data import dataset
+from dss.models import model as model_lib
+from dss.predict import predicting
+from dss.train import checkpoint, crossval, engine, finishing, outputs, tracking, training, training_args, training_data
+from dss.predict.serve import input_fn, model_fn, output_fn, predict_fn
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 # SageMaker hosting loads these from the entry point, so this script also serves the model it trains.
@@ -68,13 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- training
-def train(settings: training.Settings, context: distributed.Context, stop: stopping.StopFlag) -> None:
+def train(settings: training_args.Settings, context: distributed.Context, stop: stopping.StopFlag) -> None:
     """Train in this process (under torchrun, one rank of a DDP job) one member per fold (one for
     --folds 1), then rank 0 writes the outputs of the run. ``stop`` is checked between phases."""
     started, device, resumable = time.monotonic(), context.device, settings.checkpoint_dir is not None
     threads.apply(settings.num_threads)
     if context.is_main:
-        training.sweep_leftovers([settings.model_dir, settings.output_dir])
+        fileio.sweep_leftovers([settings.model_dir, settings.output_dir])
     tracker_settings = settings.tracking()  # MLflow asked for but not installed: an error before any work
     log.info(training.describe_device(context, settings.batch_size))
     # Leaving the block stops the reader threads of streamed data and ends the MLflow run, however the run ends.
@@ -86,7 +88,7 @@ def train(settings: training.Settings, context: distributed.Context, stop: stopp
         for fold in folds:
             members.append(train_member(settings, context, crossval.for_fold(data, fold), fold, run, folds, stop))
             stop.check(f"after {fold.name if fold.in_ensemble else 'training'} (test predictions made)", resumable)
-        result = finishing.finish(settings, members, data, training.inference(settings, data, context), run.config)
+        result = finishing.finish(settings, members, data, run.config)
         stop.check("before writing the outputs", resumable)
         if not context.is_main:
             return
@@ -98,12 +100,12 @@ def train(settings: training.Settings, context: distributed.Context, stop: stopp
              f"model in {settings.model_dir}, outputs in {settings.output_dir}")
 
 
-def train_member(settings: training.Settings, context: distributed.Context, data: training_data.TrainingData,
+def train_member(settings: training_args.Settings, context: distributed.Context, data: training_data.TrainingData,
                  fold: crossval.Fold, run: crossval.SharedRun, folds: list[crossval.Fold],
                  stop_requested: stopping.StopFlag) -> crossval.Member:
     """Train the model of one fold (the only one for --folds 1): the epoch loop, with checkpoints."""
     device = context.device
-    amp_dtype, use_scaler = engine.select_precision(device)
+    amp_dtype, use_scaler = prediction.select_precision(device)
     generator = training.seed_everything(fold.seed(settings.seed), device)
     network = training.to_device(training.build_network(data.num_classes, settings), context)
     optimizer = engine.build_optimizer(network, settings.optimizer, settings.learning_rate, settings.weight_decay)
@@ -113,7 +115,7 @@ def train_member(settings: training.Settings, context: distributed.Context, data
     ema = training.make_ema(network, settings.ema_decay)  # --ema-decay: evaluated, kept and saved when on
     state = checkpoint.TrainingState(network, optimizer, scheduler, scaler, generator, ema,
                                      best_by=training_args.BEST_EPOCH_FIELDS[settings.best_epoch_by])
-    checkpoints = training.run_checkpoints(settings, data, context, fold)
+    checkpoints = crossval.run_checkpoints(settings, data, context, fold)
     resumed_from = checkpoints.resume(state)
     tracker = run.join(state, data, schedule, resumed_from, folds)
     train_model, eval_model = training.wrap(network, settings.compile, context)
@@ -144,7 +146,7 @@ def train_member(settings: training.Settings, context: distributed.Context, data
         state.add_epoch_part(stats)
         if stats["stopped_early"]:
             checkpoints.save(state)
-            raise training.TrainingInterrupted.at(epoch, state.step_in_epoch, schedule.steps_per_epoch,
+            raise stopping.TrainingInterrupted.at(epoch, state.step_in_epoch, schedule.steps_per_epoch,
                                                   saved=checkpoints.enabled, signum=stop_requested.signum)
         train_stats = state.finish_epoch()
         train_model.eval()
@@ -181,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     # One stop flag for the whole run: a SIGTERM or Ctrl-C in any phase stops it at the next check.
     with stopping.StopFlag() as stop:
         try:
-            run(training.Settings.from_args(args), stop)
+            run(training_args.Settings.from_args(args), stop)
             return 0
-        except (training.TrainingInterrupted, KeyboardInterrupt) as exc:
+        except (stopping.TrainingInterrupted, KeyboardInterrupt) as exc:
             if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
-                exc = training.TrainingInterrupted.at_once(args.checkpoint_dir, args.predict_only)
+                exc = stopping.TrainingInterrupted.at_once(args.checkpoint_dir, args.predict_only)
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sagemaker.write_failure(str(exc))
             return exc.exit_code
@@ -201,14 +203,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
-def run(settings: training.Settings, stop: stopping.StopFlag) -> None:
+def run(settings: training_args.Settings, stop: stopping.StopFlag) -> None:
     """--predict-only, or a training run (under torchrun, this rank of a DDP job)."""
     if settings.predict_only:
         # Under torchrun the other ranks have nothing to do: one process writes the predictions.
         if distributed.ranks_from_env()[0] == 0:
-            predicting.predict_only(settings, stop)
+            predicting.predict_only(predicting.PredictOptions.of(settings), stop)
         return
-    context = distributed.setup(training.resolve_device(settings.device))
+    context = distributed.setup(distributed.resolve_device(settings.device))
     cli.setup_logging(enabled=context.is_main)  # one copy of each log line per DDP job
     try:
         train(settings, context, stop.bind(context))

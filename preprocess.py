@@ -22,7 +22,7 @@ run stops and names that folder for ``--input`` rather than mixing every image b
 
 Pipeline: list (paginated) -> download (threads) -> decode + resize (processes) -> each array goes
 straight into a preallocated (N, S, S, 3) uint8 block, rows in sorted-id order -> write, atomically:
-train_data.pkl, test_data.pkl (see dss/dataset.py), train_metadata.csv, test_metadata.csv,
+train_data.pkl, test_data.pkl (see dss/data/dataset.py), train_metadata.csv, test_metadata.csv,
 preprocessing_summary.txt and preprocessing_summary.json. Every skipped object is listed in both
 summaries with its key and reason; per split, listed = written + skipped. Re-running on the same
 input gives byte-identical pickles (nothing from the clock goes into them; timings live under the
@@ -32,7 +32,7 @@ rejected CSV row fails the run (exit 3) after the summaries are written. Leakage
 or an identical image file (sha256 of the bytes) in both train and test, and a class with no train
 image, are warnings in the summaries (the test split is unlabelled, so they do not corrupt
 training; they do make test predictions meaningless for those images). S3 bodies are checked against S3's
-checksum (or an MD5 ETag) and refetched when they arrived corrupt (see dss/sources.py). A write
+checksum (or an MD5 ETag) and refetched when they arrived corrupt (see dss/ingest/sources.py). A write
 that fails (disk full) stops the run with the path and errno; nothing partial is left under a
 final name. An output folder holds one data set: a run of another input (or other --image-size,
 --resize, --max-pixels) into it stops before any work unless --overwrite. This script never imports torch.
@@ -45,8 +45,10 @@ import sys
 import time
 from pathlib import Path
 
-from dss import building, cli, images, labels, publishing, reporting, sagemaker, sharding, sources, threads
-from dss.planning import Layout, PreprocessError, PreprocessSettings, plan_dataset, usage_hint
+from dss.ingest import building, labels, publishing, records, reporting, sharding, sources
+from dss import cli, images, sagemaker, threads
+from dss.ingest.planning import Layout, PreprocessError, PreprocessSettings, plan_dataset, usage_hint
+from dss.ingest import storage
 
 DEFAULT_INPUT = "./data"
 STRICT_EXIT_CODE = 3  # --strict: the run completed but skipped something
@@ -124,7 +126,7 @@ def run(source: sources.Source, output: sources.Output, settings: PreprocessSett
     started = time.perf_counter()
     publishing.check_output_dataset(output, settings)  # another data set's files there: stop, touching nothing
     # An unwritable output fails here, before any download.
-    output.prepare(reporting.file_names(settings.num_shards, settings.shard_index).values())
+    output.prepare(records.file_names(settings.num_shards, settings.shard_index).values())
     results: list[building.SplitResult] = []
     try:
         with building.decode_pool(settings.workers) as pool:  # its processes boot while the input is listed
@@ -169,14 +171,14 @@ def main(argv=None) -> int:
             endpoint_url=args.endpoint_url, max_attempts=args.max_attempts, read_timeout=args.read_timeout,
             download_threads=args.download_threads, max_object_bytes=int(args.max_object_mb * 2**20),
             verify_etag=not args.no_etag_check)
-        source = sources.open_source(args.input, source_options)
-        csv_source = sources.open_source(args.csv_dir, source_options) if args.csv_dir is not None else None
-        output = sources.open_output(args.output_dir, sources.SourceOptions(endpoint_url=args.endpoint_url,
+        source = storage.open_source(args.input, source_options)
+        csv_source = storage.open_source(args.csv_dir, source_options) if args.csv_dir is not None else None
+        output = storage.open_output(args.output_dir, sources.SourceOptions(endpoint_url=args.endpoint_url,
                                                                             max_attempts=args.max_attempts))
         summary = run(source, output, settings_from_args(args, shard_index, num_shards, sharded_source), csv_source)
         # --strict: the outputs are written, but any skip fails the run.
         if args.strict:
-            summary_txt = reporting.file_names(num_shards, shard_index)["summary_txt"]
+            summary_txt = records.file_names(num_shards, shard_index)["summary_txt"]
             problem = reporting.strict_problem(summary, output.describe(summary_txt))
             if problem:
                 return fail(problem, STRICT_EXIT_CODE)

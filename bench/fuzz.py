@@ -11,12 +11,12 @@ applies 1-3 random mutations (byte flips, truncation, deleted/duplicated slices,
 format-specific tokens, 0x00000000/0xFFFFFFFF over a length field) or, one case in eight, uses
 random bytes, and checks the only allowed outcomes:
 
-  pickle  dss.dataset.load_file -> a validated dict holding no object array, or DatasetError; and
+  pickle  dss.data.dataset.load_file -> a validated dict holding no object array, or DatasetError; and
           no side effect (a mutation may splice in a ``posix.system('touch MARKER')`` payload: MARKER
           must never exist)
   pickle_attack  the same oracle, mutating the hand-crafted attacks of ``attack_pickles`` (each of
           which, unmutated, must be refused; they run first, as cases -1, -2, ...)
-  csv     dss.labels.read_labels / read_features -> a consistent table, or LabelsError
+  csv     dss.ingest.labels.read_labels / read_features -> a consistent table, or LabelsError
   image   dss.images.decode_and_resize -> a C-contiguous (32, 32, 3) uint8 array, or ImageSkip
           with a reason from images.SKIP_REASONS
 
@@ -47,7 +47,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dss import dataset, images, labels, safepickle  # noqa: E402
+from dss.data import dataset, safepickle  # noqa: E402
+from dss import images
+from dss.ingest import labels
 
 TARGETS = ("pickle", "pickle_attack", "csv", "image")
 IMAGE_SIZE = 32  # px of the decoded output in the image oracle

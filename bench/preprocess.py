@@ -5,7 +5,7 @@
     python bench/preprocess.py --workers 4 --image-size 224 --save     # also bench/results/preprocess-<date>.md
     python bench/preprocess.py --keep-dir /tmp/bench-data              # keep (and next time reuse) the JPEGs
 
-Rows (all on the same 2N generated 960x540 JPEGs, dss.sample with one frame size):
+Rows (all on the same 2N generated 960x540 JPEGs, dss.demo.sample with one frame size):
   (a) preprocess.py --input s3://...  against a local moto S3 server (started here, images uploaded)
   (b) preprocess.py --input FOLDER    on the local folder
   (c) naive loop, in this process: per image one boto3 GET, full PIL decode (no draft), resize
@@ -55,7 +55,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
-from dss import fileio, images, sample, sources  # noqa: E402
+from dss import fileio, images  # noqa: E402
+from dss.demo import sample
+from dss.ingest import sources
 from dss.cli import positive_int  # noqa: E402
 
 BUCKET = "bench-preprocess"
@@ -82,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-dir", type=Path, default=None,
                         help="generate the JPEGs here and keep them; reused when it holds 2N train JPEGs of 960x540 "
                              "(the seed is not checked)")
-    parser.add_argument("--seed", type=int, default=0, help="dss.sample seed of the generated JPEGs")
+    parser.add_argument("--seed", type=int, default=0, help="dss.demo.sample seed of the generated JPEGs")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="repeat (a), (b), (d), (e) this many times, interleaved; the table shows medians")
     parser.add_argument("--decode-sample", type=positive_int, default=500,

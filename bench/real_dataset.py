@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from dss import fileio  # noqa: E402
-from dss.sample import IMAGE_DIRS, write_layout_csvs  # noqa: E402
+from dss.demo.sample import IMAGE_DIRS, write_layout_csvs  # noqa: E402
 
 FASHION_CLASSES = ("tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle_boot")

@@ -26,7 +26,7 @@ Rows (the dss_train.py rows are real subprocesses; each row's flags are listed i
 A row needing a flag that ``dss_train.py --help`` does not list is reported as not available; a flag
 that only turns a feature off is left out when dss_train.py does not have it (absent = off).
 
-Data sets: ``demo`` (python -m dss.sample, 1/4 frame size), ``demo-strong`` (--shift strong),
+Data sets: ``demo`` (python -m dss.demo, 1/4 frame size), ``demo-strong`` (--shift strong),
 ``fashion-mnist`` and ``elpv`` (real photographs, see bench/real_dataset.py; a data set whose files
 are not installed is reported as not available). ``--work-dir DIR`` keeps the data, pickles and every
 run's outputs (and reuses the data); ``results.json`` there holds every number of the tables.
@@ -56,6 +56,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench import real_dataset  # noqa: E402
 from dss import fileio, metrics, threads  # noqa: E402
+from dss.predict import results
+from dss.models import prediction
 
 DATASETS = ("demo", "demo-strong", "fashion-mnist", "elpv")
 # Default (train, test) images per data set; real sets hold fewer when their split is smaller.
@@ -201,7 +203,7 @@ def prepare_dataset(name: str, root: Path, args) -> dict:
     real_dataset.RealDataError when a real data set is not installed."""
     n_train, n_test = args.train or DATASET_SIZES[name][0], args.test or DATASET_SIZES[name][1]
     if name in ("demo", "demo-strong"):
-        from dss.sample import SiteDesign, write_demo_dataset
+        from dss.demo.sample import SiteDesign, write_demo_dataset
 
         shift = "strong" if name == "demo-strong" else "normal"
         manifest = root / "dataset.json"
@@ -210,7 +212,7 @@ def prepare_dataset(name: str, root: Path, args) -> dict:
             write_demo_dataset(root, n_train, n_test, args.seed, DEMO_SCALE, design=SiteDesign(shift=shift),
                                test_labels=True)
             fileio.write_text(manifest, json.dumps(wanted) + "\n")
-        return {"train": n_train, "test": n_test, "source": f"python -m dss.sample --shift {shift}"}
+        return {"train": n_train, "test": n_test, "source": f"python -m dss.demo --shift {shift}"}
     source = args.fashion_mnist_source if name == "fashion-mnist" else args.elpv_source
     summary = real_dataset.write_real_dataset(name, root, n_train, n_test, args.seed, source)
     return {"train": summary["train"], "test": summary["test"], "source": summary["package"]}
@@ -297,10 +299,10 @@ def prototype_run(data_dir: Path, out_dir: Path, args) -> None:
     from torch import nn
 
     from bench.train import RecipeSetting, resolve_device, resolve_precision, train_recipe
-    from dss import engine, outputs
-    from dss.dataset import load_split
-    from dss.loader import DeviceImages
-    from dss.split import random_split
+    from dss.train import engine, outputs
+    from dss.data.dataset import load_split
+    from dss.models.loader import DeviceImages
+    from dss.train.split import random_split
 
     threads.apply(args.num_threads)
     device = resolve_device(args.device)
@@ -310,13 +312,13 @@ def prototype_run(data_dir: Path, out_dir: Path, args) -> None:
     setting = RecipeSetting(args.epochs, size, args.seed, device, resolve_precision("auto", device)[0],
                             args.arch or "resnet18")
     run = train_recipe("prototype", train["images"], labels, len(train["class_names"]), setting)
-    how = engine.Inference(256, size, setting.amp_dtype)
+    how = prediction.Inference(256, size, setting.amp_dtype)
     own = random_split(labels, 0.25, args.seed)  # the split the recipe chose its epoch on
     own_scores = engine.evaluate(run.model, DeviceImages(train["images"][own], device), labels[own],
                                  nn.CrossEntropyLoss(), how)
-    probs = engine.predict_probs(run.model, DeviceImages(test["images"], device), how)
+    probs = prediction.predict_probs(run.model, DeviceImages(test["images"], device), how)
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_probabilities(out_dir / "test_predictions.csv", {"id": list(test["ids"])}, probs,
+    results.write_probabilities(out_dir / "test_predictions.csv", {"id": list(test["ids"])}, probs,
                                 train["class_names"])
     own_scores = {name: float(own_scores[name]) for name in ("val_loss", "val_acc", "val_logloss")}
     fileio.write_json(out_dir / "metrics.json", {"best": {"epoch": run.chosen_epoch, **own_scores},

@@ -1,6 +1,6 @@
 """Scale-out benchmark: training images/s with 1 vs N processes (DDP under torchrun), streamed vs
 resident data, and preprocess images/s vs --workers. Real subprocess runs of the two scripts on
-synthetic demo data (dss.sample); prints a table.
+synthetic demo data (dss.demo.sample); prints a table.
 
     python bench/scaling.py                                    # CPU: 1 vs 2 processes, 32 px
     python bench/scaling.py --num-train 64 --epochs 2 --workers 1 2   # quick check that it works
@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from dss import fileio  # noqa: E402
-from dss.sample import write_demo_dataset  # noqa: E402
+from dss.demo.sample import write_demo_dataset  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

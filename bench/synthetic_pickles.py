@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dss import dataset, fileio  # noqa: E402
-from dss.sample import CLASS_NAMES  # noqa: E402
+from dss.data import dataset  # noqa: E402
+from dss import fileio
+from dss.demo.sample import CLASS_NAMES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     for split, count, labelled, offset in (("train", args.train, True, 0), ("test", args.test, False, 10_000)):
         data = synthetic_split(count, args.image_size, args.sites, offset, rng, split, labelled)
         path = args.output_dir / dataset.split_filename(split)
-        # The byte layout preprocess writes (dss.splitfile's output equals this pickle).
+        # The byte layout preprocess writes (dss.ingest.splitfile's output equals this pickle).
         fileio.write_bytes(path, pickle.dumps(dataset.validate(data, str(path)), protocol=dataset.PICKLE_PROTOCOL))
         print(f"wrote {path} ({data['images'].nbytes / 2**20:.0f} MiB of images)")
     return 0

@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import scaling  # noqa: E402  (bench/scaling.py, beside this file)
-from dss.sample import write_demo_dataset  # noqa: E402
+from dss.demo.sample import write_demo_dataset  # noqa: E402
 
 # Thread settings a user may have made in this shell; the runs must see dss_train.py's own choices.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

@@ -12,11 +12,11 @@ Rows (same model, batch, precision, memory format and image size; synthetic uint
       batch already on the device, no data pipeline, no augmentation
   (c) naive: per-sample PIL transforms (RandomHorizontalFlip, ToTensor, Normalize) in a torch
       DataLoader with --naive-workers workers, fp32, contiguous, loss.item() every step (the prototype)
-  predict: engine.predict_probs in batches of --predict-batch-size vs one image at a time
+  predict: prediction.predict_probs in batches of --predict-batch-size vs one image at a time
 Ratios (a)/(b) (how much of the model's limit the pipeline keeps) and (a)/(c).
 ``--compare-recipes``: train dss_train.py's defaults (read from its parser: AdamW, warm-up + cosine,
 batched augmentation) and the prototype's recipe (Adam, flip only, plain cross-entropy, its best epoch
-chosen on a random 25% split of the training images) for the same epochs on dss.sample demo data,
+chosen on a random 25% split of the training images) for the same epochs on dss.demo.sample demo data,
 both scored on the same site-grouped validation set. Timings on a busy machine are noisy.
 """
 
@@ -40,10 +40,12 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from dss import engine, fileio  # noqa: E402
+from dss.train import engine  # noqa: E402
+from dss import fileio
 from dss.cli import str2bool  # noqa: E402
-from dss.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform  # noqa: E402
-from dss.model import ARCHITECTURES, build_model  # noqa: E402
+from dss.models.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform  # noqa: E402
+from dss.models.model import ARCHITECTURES, build_model  # noqa: E402
+from dss.models import prediction
 
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}
 
@@ -83,7 +85,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    return engine.select_precision(device) if name == "auto" else PRECISIONS[name]
+    return prediction.select_precision(device) if name == "auto" else PRECISIONS[name]
 
 
 def precision_name(amp_dtype, use_scaler) -> str:
@@ -211,16 +213,16 @@ def measure_naive(images, labels, args, device, steps: int) -> float:
 
 
 def measure_predict(images, args, device, amp_dtype) -> tuple[float, float]:
-    """(batched images/s via engine.predict_probs, one-image-at-a-time images/s)."""
+    """(batched images/s via prediction.predict_probs, one-image-at-a-time images/s)."""
     torch.manual_seed(args.seed)
     model = build_model(8, "none", args.arch).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stored = DeviceImages(images, device)
-    how = engine.Inference(args.predict_batch_size, args.image_size, amp_dtype)
-    engine.predict_probs(model, DeviceImages(images[:args.predict_batch_size], device), how)
+    how = prediction.Inference(args.predict_batch_size, args.image_size, amp_dtype)
+    prediction.predict_probs(model, DeviceImages(images[:args.predict_batch_size], device), how)
     started = time.perf_counter()
-    engine.predict_probs(model, stored, how)
+    prediction.predict_probs(model, stored, how)
     batched = len(stored) / (time.perf_counter() - started)
 
     single = min(args.single_predictions, len(stored))
@@ -232,7 +234,7 @@ def measure_predict(images, args, device, amp_dtype) -> tuple[float, float]:
                 synchronize(device)
                 started = time.perf_counter()
             inputs = eval_transform(stored.slice(index, index + 1), args.image_size)
-            with engine._autocast(device, amp_dtype):
+            with prediction.autocast(device, amp_dtype):
                 torch.softmax(model(inputs).float(), dim=1).cpu()
     one_at_a_time = single / (time.perf_counter() - started)
     return batched, one_at_a_time
@@ -312,7 +314,7 @@ def _recipe_parts(recipe: str, model: nn.Module, images: np.ndarray, labels: np.
         raise ValueError(f"recipe must be 'ours' or 'prototype', got {recipe!r}")
     # The prototype: a random 75/25 split of the training images chooses the best epoch (by accuracy);
     # Adam lr 1e-3, horizontal flips only, plain cross-entropy, batch 32.
-    from dss.split import random_split
+    from dss.train.split import random_split
 
     choice_mask = random_split(labels, 0.25, setting.seed)
     choice = (DeviceImages(images[choice_mask], setting.device), labels[choice_mask])
@@ -338,7 +340,7 @@ def train_recipe(recipe: str, images: np.ndarray, labels: np.ndarray, num_classe
     device_labels = torch.from_numpy(fit_labels).to(setting.device)
     loop = engine.TrainLoop(model, optimizer, scheduler, None, loss_fn, augment, generator, batch_size,
                             setting.amp_dtype, progress=False)
-    how = engine.Inference(256, setting.image_size, setting.amp_dtype)
+    how = prediction.Inference(256, setting.image_size, setting.amp_dtype)
     history, best_key, best_state, chosen_epoch, step = [], None, None, setting.epochs, 0
     for epoch in range(1, setting.epochs + 1):
         step += engine.train_one_epoch(loop, stored, device_labels, epoch, step)["steps"]
@@ -361,9 +363,9 @@ def recipe_rows(args, device) -> list[tuple[str, str]]:
     """dss_train.py's default recipe vs the prototype's on demo data, both scored on the site-grouped
     validation split that dss_train.py itself makes (same val_fraction and seed)."""
     import dss_train
-    from dss.dataset import load_split
-    from dss.sample import write_demo_dataset
-    from dss.split import make_split
+    from dss.data.dataset import load_split
+    from dss.demo.sample import write_demo_dataset
+    from dss.train.split import make_split
 
     defaults = dss_train.parse_args(["--weights", "none"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -168,3 +168,12 @@ def all_gather_rows(local: torch.Tensor, num_items: int, world_size: int) -> tor
 def _collective_device(context: Context) -> torch.device:
     # NCCL only moves CUDA tensors; gloo moves CPU tensors.
     return context.device if context.backend == "nccl" else torch.device("cpu")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """--device: 'auto' is the GPU when torch sees one, else the CPU; 'cuda' without a GPU is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DistributedSetupError("--device cuda was given but torch sees no GPU; use --device auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)

@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Collection, Iterator
 
+from dss.cli import log
+
 _TEMP_PATTERN = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp$")
 _STAGING_PATTERN = re.compile(r"^\.staging-(?P<pid>\d+)$")
 
@@ -140,6 +142,13 @@ def sweep_stale(folder: str | os.PathLike, finals: Collection[str] | None = None
         if not entry.exists():
             removed.append(entry)
     return removed
+
+
+def sweep_leftovers(folders: list[Path]) -> None:
+    """Temp files and staging folders left in the output folders by runs that were killed."""
+    for folder in dict.fromkeys(folders):
+        for path in sweep_stale(folder):
+            log.info(f"removed {path} (left by a run that was killed)")
 
 
 class StagedFiles:

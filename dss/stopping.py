@@ -1,4 +1,4 @@
-"""Stopping a run cleanly: ``StopFlag`` turns SIGTERM (SageMaker spot interruption, ``docker
+"""Stopping a run cleanly (dss_train.py training, --predict-only): ``StopFlag`` turns SIGTERM (SageMaker spot interruption, ``docker
 stop``) and Ctrl-C into one flag for the whole run: the training loop polls it once per step, and
 the run checks it between phases (after loading, after each epoch's checkpoint, after each
 member, before and after writing the outputs), so a stop is never lost.
@@ -11,7 +11,47 @@ import threading
 
 from dss import distributed
 from dss.cli import log
-from dss.training import SIGNAL_NAMES, TrainingInterrupted
+
+
+# The signals that stop a run at the next step, as its messages name them.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or Ctrl-C (SIGINT) stopped the run; ``exit_code`` is 128 + the signal's number
+    (143, 130). Stopped at a step, a checkpoint was saved when there is a checkpoint dir."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+    @classmethod
+    def at(cls, epoch: int, step_in_epoch: int, steps_per_epoch: int, saved: bool,
+           signum: int | None = signal.SIGTERM) -> TrainingInterrupted:
+        signum = signum or signal.SIGTERM  # a DDP rank stopped by another rank's signal
+        where = f"stopped by {SIGNAL_NAMES[signum]} in epoch {epoch} at step {step_in_epoch} of {steps_per_epoch}"
+        what = ("checkpoint saved, re-run with the same --checkpoint-dir to resume" if saved
+                else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"{where}; {what}", signum)
+
+    @classmethod
+    def after(cls, where: str, resumable: bool | None, signum: int | None) -> TrainingInterrupted:
+        """A stop that arrived outside the steps of an epoch, taken when ``where`` finished
+        (``resumable`` None: a --predict-only run, which writes nothing when stopped)."""
+        signum = signum or signal.SIGTERM  # a DDP rank stopped by another rank's signal
+        what = ("no predictions written" if resumable is None else
+                "re-run with the same --checkpoint-dir to resume" if resumable
+                else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"stopped by {SIGNAL_NAMES[signum]} {where}; {what}", signum)
+
+    @classmethod
+    def at_once(cls, checkpoint_dir: str | None, predict_only: bool = False) -> TrainingInterrupted:
+        """Ctrl-C outside the training loop, or a second Ctrl-C in it: the run stopped where it was."""
+        what = ("no predictions written" if predict_only else
+                "re-run with the same --checkpoint-dir to resume from its newest complete checkpoint"
+                if checkpoint_dir else "nothing saved: no --checkpoint-dir was given")
+        return cls(f"stopped at once by {SIGNAL_NAMES[signal.SIGINT]}; {what}", signal.SIGINT)
+
 
 
 class StopFlag:

@@ -113,7 +113,7 @@ def s3_client(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small demo dataset in the Conser-vision layout (tiny images so tests stay fast)."""
-    from dss.sample import write_demo_dataset
+    from dss.demo.sample import write_demo_dataset
 
     root = tmp_path_factory.mktemp("demo") / "data"
     write_demo_dataset(root, n_train=160, n_test=40, seed=0, scale=0.1)

@@ -13,9 +13,11 @@ import torch
 import torchvision.models
 from torch import nn
 
-from dss import backbones, engine
-from dss.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, Normalisation, eval_transform
-from dss.model import (ARCHITECTURES, ModelArtifactError, WeightsError, build_model, load_model_artifact, model_arch,
+from dss.models import backbones
+from dss.train import engine
+from dss.models.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, Normalisation, eval_transform
+from dss.models.model import (ARCHITECTURES, ModelArtifactError, WeightsError, build_model, load_model_artifact, model_arch,
+from dss.models import prediction
                        save_model_artifact)
 from tests.conftest import clean_env
 
@@ -84,7 +86,7 @@ def test_a_file_for_another_arch_is_refused_with_both_names(tmp_path):
 def test_imagenet_download_failure_names_the_alternatives_for_every_arch(tmp_path):
     """No network (a proxy on a closed port fails fast): the same clear error for each arch."""
     script = textwrap.dedent("""
-        from dss.model import ARCHITECTURES, WeightsError, build_model
+        from dss.models.model import ARCHITECTURES, WeightsError, build_model
         for arch in ARCHITECTURES:
             try:
                 build_model(8, "imagenet", arch)
@@ -153,7 +155,7 @@ def test_eval_transform_and_inference_use_the_given_normalisation():
 
     model = build_model(3, "none").eval()
     images = DeviceImages(pixels, torch.device("cpu"))
-    probs = engine.predict_probs(model, images, engine.Inference(8, 32, normalisation=custom))
+    probs = prediction.predict_probs(model, images, prediction.Inference(8, 32, normalisation=custom))
     with torch.no_grad():
         reference = torch.softmax(model(eval_transform(batch, 32, custom)).double(), dim=1).numpy()
     np.testing.assert_allclose(probs, reference, atol=1e-6)

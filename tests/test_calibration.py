@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dss import metrics
-from dss.calibration import (TEMPERATURE_RANGE, apply_temperature, ensemble_probs, expected_calibration_error,
+from dss.models.calibration import (TEMPERATURE_RANGE, apply_temperature, ensemble_probs, expected_calibration_error,
                              fit_temperature, nll, reliability, summary)
 
 

@@ -1,4 +1,4 @@
-"""dss.checkpoint: atomic save, keep-last-2, sha256 manifests, fallback, refusal, RNG round trip."""
+"""dss.train.checkpoint: atomic save, keep-last-2, sha256 manifests, fallback, refusal, RNG round trip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dss import checkpoint as checkpoint_lib
+from dss.train import checkpoint as checkpoint_lib
 from tests.conftest import REPO_ROOT, clean_env
 
 FINGERPRINT = {"dataset_sha256": "abc", "num_classes": 3, "batch_size": 16, "learning_rate": 0.001}
@@ -93,12 +93,12 @@ def test_dataset_fingerprint_sees_one_pixel_and_one_label():
     images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
     labels = np.array([0, 1, 0, 1])
     args = (["a", "b", "c", "d"], labels, ["x", "y"], ["s1", "s1", "s2", "s2"])
-    base = checkpoint_lib.dataset_fingerprint(images, *args)
-    assert base == checkpoint_lib.dataset_fingerprint(images.copy(), *args)
+    base = dataset.content_fingerprint(images, *args)
+    assert base == dataset.content_fingerprint(images.copy(), *args)
     changed = images.copy()
     changed[3, 7, 7, 2] = 1
-    assert checkpoint_lib.dataset_fingerprint(changed, *args) != base
-    assert checkpoint_lib.dataset_fingerprint(images, args[0], np.array([0, 1, 1, 1]), *args[2:]) != base
+    assert dataset.content_fingerprint(changed, *args) != base
+    assert dataset.content_fingerprint(images, args[0], np.array([0, 1, 1, 1]), *args[2:]) != base
 
 
 def test_crafted_checkpoint_never_runs_code_even_when_env_forces_unsafe_load(tmp_path):
@@ -108,7 +108,9 @@ def test_crafted_checkpoint_never_runs_code_even_when_env_forces_unsafe_load(tmp
     folder = tmp_path / "ckpt"
     script = f"""
 import hashlib, json, os, torch
-from dss import checkpoint as c, fileio
+from dss.train import checkpoint as c
+from dss import fileio
+from dss.data import dataset
 manager = c.CheckpointManager({str(folder)!r}, log=print)
 manager.save({{"ok": torch.zeros(1)}}, epoch=1, step=1, fingerprint={FINGERPRINT!r})
 

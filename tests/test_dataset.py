@@ -11,8 +11,8 @@ import pickletools
 import numpy as np
 import pytest
 
-from dss import dataset
-from dss.dataset import DatasetError
+from dss.data import dataset
+from dss.data.dataset import DatasetError
 
 
 def make_split_data(n=6, size=8, labelled=True, seed=0):
@@ -33,7 +33,7 @@ def make_split_data(n=6, size=8, labelled=True, seed=0):
 
 
 def write_split(path, data: dict):
-    """A pickle as preprocess writes it (dss.splitfile's output equals this byte for byte)."""
+    """A pickle as preprocess writes it (dss.ingest.splitfile's output equals this byte for byte)."""
     path.write_bytes(pickle.dumps(dataset.validate(data, source=str(path)), protocol=dataset.PICKLE_PROTOCOL))
     return path
 
@@ -237,7 +237,7 @@ def _protocol3(ops: bytes) -> bytes:
 @pytest.mark.parametrize("module", ["numpy._core.multiarray", "numpy.core.multiarray"])
 def test_e4_void_dtype_given_object_flags_by_build_is_refused(module):
     from bench import fuzz
-    from dss.safepickle import SafeUnpickler
+    from dss.data.safepickle import SafeUnpickler
 
     payload = _protocol3(fuzz.object_array_ops(module))
     assert pickle.loads(payload).dtype.hasobject  # what the plain unpickler builds: an object array
@@ -251,7 +251,7 @@ def test_e4_void_dtype_given_object_flags_by_build_is_refused(module):
 
 def test_e4_build_never_changes_a_dtype_an_array_already_uses():
     from bench import fuzz
-    from dss.safepickle import SafeUnpickler
+    from dss.data.safepickle import SafeUnpickler
 
     payload = _protocol3(fuzz.regrown_dtype_ops())
     assert pickle.loads(payload).nbytes == 16 * 4096  # plain pickle: 64 KiB read from a 16-byte buffer
@@ -268,7 +268,7 @@ def test_e4_build_never_changes_a_dtype_an_array_already_uses():
     (b"]}b", "BUILD on list"),
 ])
 def test_e4_only_the_opcodes_numpy_writes_build_arrays(ops, refused):
-    from dss.safepickle import SafeUnpickler
+    from dss.data.safepickle import SafeUnpickler
 
     with pytest.raises(pickle.UnpicklingError, match=refused):
         SafeUnpickler(io.BytesIO(_protocol3(ops))).load()

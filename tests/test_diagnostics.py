@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dss import calibration, metrics
-from dss.diagnostics import plot_calibration, plot_top_losses, site_metrics, top_losses, write_site_metrics
+from dss.models import calibration
+from dss import metrics
+from dss.train.diagnostics import plot_calibration, plot_top_losses, site_metrics, top_losses, write_site_metrics
 
 CLASSES = ["antelope", "bird", "blank"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -23,9 +23,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dss import calibration, dataset, distributed, engine
-from dss import model as model_lib
-from dss.loader import DeviceImages
+from dss.models import calibration
+from dss.data import dataset
+from dss import distributed
+from dss.train import engine
+from dss.models import model as model_lib
+from dss.models.loader import DeviceImages
+from dss.models import prediction
 from tests.conftest import PYTHON, REPO_ROOT, clean_env
 
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "16", "--weights", "none", "--num-threads", "1", "--seed", "0"]
@@ -78,7 +82,7 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run, demo_pick
     torch.set_num_threads(1)
     stats = engine.evaluate(network, DeviceImages(train["images"][val_index], torch.device("cpu")),
                             train["labels"][val_index], torch.nn.CrossEntropyLoss(),
-                            engine.Inference(256, artifact["preprocessing"]["image_size"],
+                            prediction.Inference(256, artifact["preprocessing"]["image_size"],
                                              tta=artifact["hyperparameters"]["tta"]))
     best = json.loads((models / "metrics.json").read_text())["best"]
     assert stats["val_logloss"] == pytest.approx(best["val_logloss"], abs=1e-5)
@@ -106,12 +110,12 @@ def test_a_kfold_run_under_ddp_scores_every_image_out_of_fold_and_predicts_with_
     oof = pd.read_csv(models / "oof_predictions.csv", dtype={"id": str})
     position = {image_id: i for i, image_id in enumerate(train["ids"])}
     torch.set_num_threads(1)
-    how = engine.Inference(256, artifact["preprocessing"]["image_size"], tta=artifact["hyperparameters"]["tta"])
+    how = prediction.Inference(256, artifact["preprocessing"]["image_size"], tta=artifact["hyperparameters"]["tta"])
     temperature = artifact["hyperparameters"]["temperature"]
     for fold, network in enumerate(networks, start=1):
         rows = oof[oof["fold"] == fold]
         index = np.array([position[image_id] for image_id in rows["id"]])
-        logits = engine.predict_logits(network, DeviceImages(train["images"][index], torch.device("cpu")), how)
+        logits = prediction.predict_logits(network, DeviceImages(train["images"][index], torch.device("cpu")), how)
         np.testing.assert_allclose(rows[artifact["class_names"]].to_numpy(),
                                    calibration.apply_temperature(logits, temperature), atol=1e-5)
 

@@ -21,7 +21,7 @@ import pytest
 
 import dss_train
 import preprocess
-from dss import training
+from dss.train import training, training_args
 from tests.conftest import REPO_ROOT
 
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md")) + [REPO_ROOT / "README.md"]
@@ -40,13 +40,13 @@ MAX_GAP = 100  # characters between a flag mention and its "default"
 
 def parser_defaults(monkeypatch) -> dict[str, dict[str, tuple]]:
     """Per script, flag -> (default, choices): what a run without that flag gets (dss_train: its
-    resolved ``training.Settings``, as some flags default to None and are resolved there, e.g.
+    resolved ``training_args.Settings``, as some flags default to None and are resolved there, e.g.
     --val-fraction; preprocess.py: ``parse_args([])``; flag --a-b is field a_b) and, for dss_train,
     its parser's choices (preprocess.py builds its parser inside ``parse_args``)."""
     for name in [name for name in os.environ if name.startswith(("SM_", "MLFLOW_"))]:
         monkeypatch.delenv(name)  # SageMaker and MLflow settings change some defaults
     train_args = dss_train.parse_args(["--data-dir", "data", "--model-dir", "models"])
-    settings = training.Settings.from_args(train_args)
+    settings = training_args.Settings.from_args(train_args)
     train = {name: getattr(settings, name, default) for name, default in vars(train_args).items()}
     train.update(data_dir=None, model_dir=None, output_dir=None)  # the paths given above
     choices = {option: action.choices for action in dss_train.build_parser()._actions

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dss.ema import WeightEMA
+from dss.train.ema import WeightEMA
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -115,7 +115,7 @@ def test_decay_out_of_range_is_an_error():
 
 def test_a_real_network_trains_with_ema_and_the_average_is_saved_with_its_arch(tmp_path):
     """channels_last efficientnet_b0 (BatchNorm, stochastic depth): step, update, save the average."""
-    from dss.model import build_model, load_model_artifact, save_model_artifact
+    from dss.models.model import build_model, load_model_artifact, save_model_artifact
 
     torch.manual_seed(0)
     network = build_model(3, "none", "efficientnet_b0").to(memory_format=torch.channels_last).train()

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dss import engine
-from dss.engine import (Inference, NonFiniteLossError, TrainLoop, build_optimizer, build_scheduler,
+from dss.train import engine
+from dss.train.engine import (Inference, NonFiniteLossError, TrainLoop, build_optimizer, build_scheduler,
                         class_weights_balanced, evaluate, predict_probs, select_precision, train_one_epoch)
-from dss.loader import DeviceImages, GpuAugment, eval_transform
-from dss.model import build_model
+from dss.models.loader import DeviceImages, GpuAugment, eval_transform
+from dss.models.model import build_model
+from dss.models import prediction
 
 CPU = torch.device("cpu")
 SIZE = 16
@@ -241,7 +242,7 @@ def test_predict_logits_softmax_to_the_predicted_probs_and_evaluate_returns_them
     stored = DeviceImages(images, CPU)
     torch.manual_seed(0)
     model = build_model(3, "none").eval()
-    logits = engine.predict_logits(model, stored, at(5, tta=tta))
+    logits = prediction.predict_logits(model, stored, at(5, tta=tta))
     probs = predict_probs(model, stored, at(5, tta=tta))
     assert logits.shape == (12, 3) and logits.dtype == np.float64
     np.testing.assert_allclose(F.softmax(torch.from_numpy(logits), dim=1).numpy(), probs, rtol=0, atol=1e-12)
@@ -259,7 +260,7 @@ def test_predict_logits_softmax_to_the_predicted_probs_and_evaluate_returns_them
 
 
 def test_the_weight_average_follows_every_optimizer_step():
-    from dss.ema import WeightEMA
+    from dss.train.ema import WeightEMA
 
     images, labels = colour_problem(48)
     model, optimizer, scheduler = make_run()

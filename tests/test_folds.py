@@ -21,9 +21,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dss import calibration, crossval, dataset, engine, metrics, serve
-from dss import model as model_lib
-from dss.loader import DeviceImages
+from dss.models import calibration
+from dss.train import crossval, engine
+from dss.data import dataset
+from dss import metrics
+from dss.predict import serve
+from dss.models import model as model_lib
+from dss.models.loader import DeviceImages
+from dss.models import prediction
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 K = 3
@@ -107,19 +112,19 @@ def test_test_predictions_are_the_mean_of_the_members_calibrated_probabilities(k
     temperature = info["hyperparameters"]["temperature"]
     test = dataset.load_split(demo_pickles, "test")
     assert info["hyperparameters"]["tta"] is True  # the default: each member's flip-averaged probabilities
-    how = engine.Inference(64, int(info["preprocessing"]["image_size"]), None, True,
+    how = prediction.Inference(64, int(info["preprocessing"]["image_size"]), None, True,
                            normalisation=model_lib.artifact_normalisation(info))
     images = DeviceImages(test["images"], torch.device("cpu"))
-    # Independently: each member's probabilities at the temperature (engine.predict_probs), then the mean.
-    expected = np.mean([engine.predict_probs(network, images, how, temperature) for network in networks], axis=0)
+    # Independently: each member's probabilities at the temperature (prediction.predict_probs), then the mean.
+    expected = np.mean([prediction.predict_probs(network, images, how, temperature) for network in networks], axis=0)
     written = pd.read_csv(models / "test_predictions.csv", dtype={"id": str}).set_index("id").loc[test["ids"]]
     np.testing.assert_allclose(written.to_numpy(dtype=np.float64), expected, rtol=0, atol=1e-9)
     # The members differ (different folds, different seeds): an ensemble, not K copies.
-    first = engine.predict_probs(networks[0], images, how)
-    assert not np.allclose(first, engine.predict_probs(networks[1], images, how))
+    first = prediction.predict_probs(networks[0], images, how)
+    assert not np.allclose(first, prediction.predict_probs(networks[1], images, how))
     # A plain load still gives one working network (the first member).
     single, single_info = model_lib.load_model_artifact(models / "model.pth")
-    np.testing.assert_allclose(engine.predict_probs(single, images, how), first, atol=1e-12)
+    np.testing.assert_allclose(prediction.predict_probs(single, images, how), first, atol=1e-12)
     assert single_info["members"] == K
 
 
@@ -197,7 +202,7 @@ def test_a_single_split_run_writes_no_out_of_fold_file_and_removes_a_stale_one(k
 
 # --------------------------------------------------------------------------- the pieces, in process
 def test_fold_plan_on_the_demo_split(demo_pickles):
-    from dss.training_data import TrainingData
+    from dss.train.training_data import TrainingData
 
     train_split = dataset.load_split(demo_pickles, "train")
     data = TrainingData(train_split, None, "host", torch.device("cpu"), 32, "site",

@@ -1,4 +1,4 @@
-"""dss.labels on real CSV files: both label formats and the CSV rows of tests/robustness/ROWS.md."""
+"""dss.ingest.labels on real CSV files: both label formats and the CSV rows of tests/robustness/ROWS.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dss.labels import LabelsError, RowProblem, read_features, read_labels, rejected_by_id, rejected_rows_report
+from dss.ingest.labels import LabelsError, RowProblem, read_features, read_labels, rejected_by_id, rejected_rows_report
 
 CLASSES = ["antelope_duiker", "bird", "blank", "civet_genet", "hog", "leopard", "monkey_prosimian", "rodent"]
 ONE_HOT_HEADER = "id," + ",".join(CLASSES)

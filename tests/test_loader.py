@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dss.loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform, num_train_batches,
+from dss.models.loader import (IMAGENET_MEAN, IMAGENET_STD, DeviceImages, GpuAugment, eval_transform, num_train_batches,
                         train_batch_indices)
 
 CPU = torch.device("cpu")

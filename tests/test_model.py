@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from dss.model import ModelArtifactError, WeightsError, build_model, load_model_artifact, save_model_artifact
+from dss.models.model import ModelArtifactError, WeightsError, build_model, load_model_artifact, save_model_artifact
 from tests.conftest import clean_env
 
 PREPROCESSING = {"image_size": 32, "stored_image_size": 32, "resize_policy": "squash",
@@ -52,7 +52,7 @@ def test_weights_with_compile_prefix_and_matching_head_load_fully(tmp_path):
 
 def test_wrapper_prefixes_are_stripped_in_any_nesting():
     """DDP around a compiled module names parameters module._orig_mod.*; the reverse nesting too."""
-    from dss.model import strip_wrapper_prefixes
+    from dss.models.model import strip_wrapper_prefixes
 
     tensor = torch.zeros(1)
     names = {"module._orig_mod.fc.weight": tensor, "_orig_mod.module.fc.bias": tensor, "conv1.weight": tensor}
@@ -78,7 +78,7 @@ def test_missing_weights_file_is_a_weights_error(tmp_path):
 def test_imagenet_download_failure_names_the_alternatives(tmp_path):
     """No network (a proxy on a closed port makes it fail fast): a clear error, never a silent fallback."""
     script = textwrap.dedent("""
-        from dss.model import WeightsError, build_model
+        from dss.models.model import WeightsError, build_model
         try:
             build_model(8, "imagenet")
         except WeightsError as error:

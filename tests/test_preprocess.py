@@ -25,7 +25,10 @@ import pytest
 from PIL import Image
 
 import preprocess
-from dss import building, dataset, images, planning, publishing, reporting, sources, splitfile
+from dss.ingest import building, planning, publishing, records, sources, splitfile
+from dss.data import dataset
+from dss import images
+from dss.ingest import storage
 from tests.conftest import REPO_ROOT, clean_env, run_script
 from tests.test_sources import CorruptInTransit, CountingHook, error_response, noisy_jpeg, zero_middle
 
@@ -158,7 +161,7 @@ def test_folder_run_lines_up_with_the_csvs_and_reruns_identically(demo_data, tmp
     assert test["labels"] is None and test["class_names"] == class_names and len(test["ids"]) == 40
 
     metadata = csv_rows(out / "train_metadata.csv")
-    assert list(metadata[0].keys()) == list(reporting.METADATA_COLUMNS)
+    assert list(metadata[0].keys()) == list(records.METADATA_COLUMNS)
     assert [row["id"] for row in metadata] == train["ids"]
     assert [row["label"] for row in metadata] == [class_names[label_of[i]] for i in train["ids"]]
     assert metadata[0]["source_key"] == f"train_features/{train['ids'][0]}.jpg"
@@ -497,11 +500,11 @@ def _s3_dataset(s3_client, bucket, tmp_path, n=4):
 
 
 def _run_in_process(s3_server, bucket, out, hook_event=None, hook=None, max_attempts=3):
-    source = sources.open_source(f"s3://{bucket}/data/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+    source = storage.open_source(f"s3://{bucket}/data/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
                                                                                max_attempts=max_attempts))
     if hook is not None:
         source.client.meta.events.register(hook_event, hook)
-    output = sources.open_output(out)
+    output = storage.open_output(out)
     settings = planning.PreprocessSettings(input_uri=f"s3://{bucket}/data/", image_size=SIZE, policy="squash",
                                            max_pixels=images.DEFAULT_MAX_PIXELS, workers=1, download_threads=2,
                                            quiet=True)
@@ -585,7 +588,8 @@ def test_no_credentials_fails_before_any_work(s3_server, tmp_path):
 
 def test_an_image_size_above_the_bound_is_refused_at_once_in_both_scripts(demo_data, tmp_path):
     """--image-size 100000 (28 GiB per decoded image) is refused by the parser, with the numbers."""
-    from dss import cli, training_args
+    from dss import cli
+    from dss.train import training_args
 
     result = run_script("preprocess.py", ["--input", demo_data, "--output-dir", tmp_path / "out",
                                           "--image-size", "100000"], timeout=60)
@@ -609,7 +613,7 @@ def test_a_decode_worker_killed_by_the_os_is_reported_with_the_memory_numbers(tm
     folder.mkdir()
     for number in range(40):
         (folder / f"cam_{number:03d}.jpg").write_bytes(jpeg(colour=(number * 5, 30, 30)))
-    source = sources.open_source(folder)
+    source = storage.open_source(folder)
     settings = planning.PreprocessSettings(input_uri=str(folder), image_size=64, workers=2, quiet=True)
     plan = planning.plan_dataset(source, settings.layout)
     with building.decode_pool(2) as pool:
@@ -638,7 +642,7 @@ def test_unwritable_output_fails_before_download(demo_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------- imports
-@pytest.mark.parametrize("module", ["preprocess", "dss.sources", "dss.images", "dss.labels", "dss.dataset"])
+@pytest.mark.parametrize("module", ["preprocess", "dss.ingest.sources", "dss.images", "dss.ingest.labels", "dss.data.dataset"])
 def test_preprocess_side_never_imports_torch(module):
     code = f"import importlib, sys; importlib.import_module({module!r}); assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=clean_env(),

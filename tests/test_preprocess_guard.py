@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dss import dataset
+from dss.data import dataset
 from tests.conftest import run_script
 from tests.test_preprocess import jpeg
 

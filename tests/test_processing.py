@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dss import dataset, sagemaker
+from dss.data import dataset
+from dss import sagemaker
 from tests.conftest import clean_env, run_script
 
 K = 3

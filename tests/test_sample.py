@@ -1,4 +1,4 @@
-"""dss.sample: the synthetic demo dataset in the Conser-vision layout (real files, real CLI run)."""
+"""dss.demo.sample: the synthetic demo dataset in the Conser-vision layout (real files, real CLI run)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dss import sample, sample_drawing
+from dss.demo import sample, sample_drawing
 from tests.conftest import run_script
 
 N_TRAIN, N_TEST, SCALE = 200, 50, 0.05
@@ -163,7 +163,7 @@ def test_refuses_a_folder_with_other_content_and_replaces_an_earlier_demo(tmp_pa
 
 def test_cli_writes_the_dataset_and_prints_one_line(tmp_path):
     root = tmp_path / "cli"
-    result = run_script("-m dss.sample", [root, "--train", 24, "--test", 6, "--seed", 2, "--scale", SCALE], timeout=120)
+    result = run_script("-m dss.demo", [root, "--train", 24, "--test", 6, "--seed", 2, "--scale", SCALE], timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1 and "24 train / 6 test" in result.stdout
     assert len(list((root / "train_features").glob("*.jpg"))) == 24
@@ -171,10 +171,10 @@ def test_cli_writes_the_dataset_and_prints_one_line(tmp_path):
 
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "mine.txt").write_text("x")
-    refused = run_script("-m dss.sample", [tmp_path / "busy", "--train", 5], timeout=120)
+    refused = run_script("-m dss.demo", [tmp_path / "busy", "--train", 5], timeout=120)
     assert refused.returncode == 2 and "mine.txt" in refused.stderr
 
-    bad = run_script("-m dss.sample", [tmp_path / "bad", "--scale", "0"], timeout=120)
+    bad = run_script("-m dss.demo", [tmp_path / "bad", "--scale", "0"], timeout=120)
     assert bad.returncode == 2 and "--scale" in bad.stderr
 
 
@@ -186,7 +186,7 @@ def _mean_colour(folder) -> np.ndarray:
 
 
 def test_normal_shift_draws_what_it_always_drew(tmp_path):
-    """The default design is pinned to what dss.sample wrote before the site-shift option existed: the
+    """The default design is pinned to what dss.demo.sample wrote before the site-shift option existed: the
     CSVs byte for byte (classes, sites, ids), the frames by their mean colour (JPEG bytes may vary with
     the libjpeg build, the drawing may not)."""
     import hashlib
@@ -286,10 +286,10 @@ def test_strong_sites_have_a_look_and_normal_sites_none():
 
 def test_cli_shift_and_test_labels(tmp_path):
     root = tmp_path / "hard"
-    result = run_script("-m dss.sample", [root, "--train", 24, "--test", 6, "--scale", SCALE, "--shift", "strong",
+    result = run_script("-m dss.demo", [root, "--train", 24, "--test", 6, "--scale", SCALE, "--shift", "strong",
                                           "--test-labels"], timeout=120)
     assert result.returncode == 0, result.stderr
     assert "strong site shift" in result.stdout and "test labels" in result.stdout
     assert len(_read_csv(root / "test_labels.csv")[1]) == 6
-    bad = run_script("-m dss.sample", [tmp_path / "bad", "--shift", "huge"], timeout=120)
+    bad = run_script("-m dss.demo", [tmp_path / "bad", "--shift", "huge"], timeout=120)
     assert bad.returncode == 2 and "--shift" in bad.stderr

@@ -1,4 +1,4 @@
-"""Hosting handlers (dss.serve, re-exported by dss_train.py) on real JPEG/PNG bytes, called
+"""Hosting handlers (dss.predict.serve, re-exported by dss_train.py) on real JPEG/PNG bytes, called
 directly and the way the SageMaker inference toolkit calls them."""
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 
 import dss_train
-from dss import engine, images, loader, serve
-from dss import model as model_lib
+from dss.train import engine
+from dss import images
+from dss.models import loader
+from dss.predict import serve
+from dss.models import model as model_lib
 
 CLASS_NAMES = ["antelope_duiker", "bird", "blank"]
 STORED_SIZE = 24  # px, as preprocess stored the training images
@@ -159,12 +162,12 @@ def test_single_image_request_returns_class_probabilities(served, content_type):
 
 def test_handlers_use_the_training_preprocessing(served):
     """The served probabilities equal the training code path: decode_and_resize at the stored
-    size, then engine.predict_probs (eval_transform to the network size)."""
+    size, then prediction.predict_probs (eval_transform to the network size)."""
     body = _encoded("JPEG", seed=2)
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
-    expected = engine.predict_probs(served.networks[0], loader.DeviceImages(pixels[None], served.device),
-                                    engine.Inference(8, INPUT_SIZE, served.amp_dtype))
+    expected = prediction.predict_probs(served.networks[0], loader.DeviceImages(pixels[None], served.device),
+                                    prediction.Inference(8, INPUT_SIZE, served.amp_dtype))
     np.testing.assert_allclose(served_probs, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -175,10 +178,10 @@ def test_model_trained_with_tta_is_served_with_tta(tmp_path):
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_tta)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
     device_images = loader.DeviceImages(pixels[None], served_tta.device)
-    with_flip = engine.predict_probs(served_tta.networks[0], device_images,
-                                     engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype, tta=True))
-    without_flip = engine.predict_probs(served_tta.networks[0], device_images,
-                                        engine.Inference(8, INPUT_SIZE, served_tta.amp_dtype))
+    with_flip = prediction.predict_probs(served_tta.networks[0], device_images,
+                                     prediction.Inference(8, INPUT_SIZE, served_tta.amp_dtype, tta=True))
+    without_flip = prediction.predict_probs(served_tta.networks[0], device_images,
+                                        prediction.Inference(8, INPUT_SIZE, served_tta.amp_dtype))
     np.testing.assert_allclose(served_probs, with_flip, rtol=1e-5, atol=1e-7)
     assert not np.allclose(with_flip, without_flip, rtol=1e-6, atol=1e-9)
 
@@ -266,7 +269,7 @@ def test_unsupported_accept_type(served, accept):
 
 def test_stored_temperature_and_normalisation_are_applied(tmp_path):
     """model.pth's temperature and mean/std (--temperature-scaling, --arch) reach the served probabilities."""
-    from dss import calibration
+    from dss.models import calibration
 
     folder = _write_model(tmp_path, {"epochs": 1, "tta": False, "temperature": 2.5})
     artifact = torch.load(folder / model_lib.MODEL_FILENAME, weights_only=True)
@@ -278,6 +281,6 @@ def test_stored_temperature_and_normalisation_are_applied(tmp_path):
     body = _encoded("JPEG", seed=5)
     served_probs = serve.predict_fn(serve.input_fn(body, "image/jpeg"), served_t)["probs"]
     pixels, _ = images.decode_and_resize(body, STORED_SIZE, "squash")
-    how = engine.Inference(8, INPUT_SIZE, served_t.amp_dtype, normalisation=served_t.normalisation)
-    logits = engine.predict_logits(served_t.networks[0], loader.DeviceImages(pixels[None], served_t.device), how)
+    how = prediction.Inference(8, INPUT_SIZE, served_t.amp_dtype, normalisation=served_t.normalisation)
+    logits = prediction.predict_logits(served_t.networks[0], loader.DeviceImages(pixels[None], served_t.device), how)
     np.testing.assert_allclose(served_probs, calibration.apply_temperature(logits, 2.5), rtol=0, atol=1e-12)

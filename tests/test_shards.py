@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dss import dataset, streaming
-from dss.sample import write_demo_dataset
+from dss.data import dataset, streaming
+from dss.demo.sample import write_demo_dataset
 from tests.conftest import DEMO_SHARDS as NUM_SHARDS, run_script
 
 

@@ -1,4 +1,4 @@
-"""dss.sources against a real moto S3 server over HTTP and real folders.
+"""dss.ingest.sources against a real moto S3 server over HTTP and real folders.
 
 S3 faults that moto cannot produce (503 SlowDown, 403, short bodies) are injected with botocore
 ``before-send`` hooks registered on the client the library itself creates (``source.client``).
@@ -16,9 +16,11 @@ import urllib3
 from botocore.awsrequest import AWSResponse
 from PIL import Image
 
-from dss import images, s3, sources
+from dss import images
 
 # ---------------------------------------------------------------------------- helpers
+from dss.ingest import s3, sources
+from dss.ingest import storage
 
 
 class _RawBody(io.BytesIO):
@@ -103,7 +105,7 @@ def bucket(s3_client):
 
 
 def _open(s3_server, uri, **options):
-    return sources.open_source(uri, sources.SourceOptions(endpoint_url=s3_server["endpoint"], **options))
+    return storage.open_source(uri, sources.SourceOptions(endpoint_url=s3_server["endpoint"], **options))
 
 
 # ---------------------------------------------------------------------------- URIs and ids
@@ -125,7 +127,7 @@ def test_local_source_lists_sorted_relative_keys_and_reads(tmp_path):
     (tmp_path / "train_features" / "b.jpg").write_bytes(b"bb")
     (tmp_path / "train_features" / "a.JPG").write_bytes(b"a")
     (tmp_path / "labels.csv").write_text("id\n")
-    source = sources.open_source(tmp_path)
+    source = storage.open_source(tmp_path)
     assert source.list("") == [sources.ObjectInfo("labels.csv", 3), sources.ObjectInfo("train_features/a.JPG", 1),
                                sources.ObjectInfo("train_features/b.jpg", 2)]
     assert [i.key for i in source.list("train_features/")] == ["train_features/a.JPG", "train_features/b.jpg"]
@@ -139,12 +141,12 @@ def test_local_source_lists_sorted_relative_keys_and_reads(tmp_path):
 
 def test_local_source_missing_folder_is_a_source_error(tmp_path):
     with pytest.raises(sources.SourceError, match="does not exist"):
-        sources.open_source(tmp_path / "absent")
+        storage.open_source(tmp_path / "absent")
 
 
 def test_size_cap_rejects_from_listing_without_reading(tmp_path):
     (tmp_path / "big.jpg").write_bytes(b"x" * 2000)
-    source = sources.open_source(tmp_path, sources.SourceOptions(max_object_bytes=1000))
+    source = storage.open_source(tmp_path, sources.SourceOptions(max_object_bytes=1000))
     (info,) = source.list("")
     with pytest.raises(sources.ObjectSkip) as skip:
         source.check_size(info)
@@ -155,7 +157,7 @@ def test_size_cap_rejects_from_listing_without_reading(tmp_path):
 def test_fetch_many_yields_every_key_once_with_skips(tmp_path):
     for index in range(30):
         (tmp_path / f"{index:03d}.jpg").write_bytes(bytes([index]) * (index + 1))
-    source = sources.open_source(tmp_path)
+    source = storage.open_source(tmp_path)
     keys = [f"{index:03d}.jpg" for index in range(30)] + ["missing.jpg"]
     results = dict(source.fetch_many(keys, threads=4, prefetch=5))
     assert sorted(results) == sorted(keys)
@@ -231,7 +233,7 @@ def test_endpoint_from_environment_is_honoured(s3_server, s3_client, bucket, mon
     s3_client.put_object(Bucket=bucket, Key="k.jpg", Body=b"1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server["endpoint"])
-    source = sources.open_source(f"s3://{bucket}/")
+    source = storage.open_source(f"s3://{bucket}/")
     assert source.client.meta.endpoint_url == s3_server["endpoint"]
     assert source.read("k.jpg") == b"1"
 
@@ -244,7 +246,7 @@ def test_unreachable_endpoint_fails_at_open_in_bounded_time(s3_client):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
     with pytest.raises(sources.SourceError, match=f"127.0.0.1:{port}"):
-        sources.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url=f"http://127.0.0.1:{port}",
+        storage.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url=f"http://127.0.0.1:{port}",
                                                                        max_attempts=2, connect_timeout=1))
 
 
@@ -280,7 +282,7 @@ def test_max_attempts_honours_aws_settings_unless_given(s3_server, s3_client, bu
     source = _open(s3_server, f"s3://{bucket}/", max_attempts=option)
     assert source.client.meta.config.retries == {"mode": "standard", "total_max_attempts": expected}
     assert source.max_attempts == expected  # our own refetch loop (short bodies, checksums) agrees
-    output = sources.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+    output = storage.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
                                                                               max_attempts=option))
     output.close()
     assert output.client.meta.config.retries["total_max_attempts"] == expected
@@ -361,7 +363,7 @@ def test_403_on_listing_fails_at_open(s3_server, s3_client, bucket):
     client = s3.make_s3_client(sources.SourceOptions(endpoint_url=s3_server["endpoint"], max_attempts=5))
     client.meta.events.register("before-send.s3.ListObjectsV2", source_hook)
     with pytest.raises(sources.SourceError, match="AccessDenied"):
-        sources.open_source(f"s3://{bucket}/", client=client)
+        storage.open_source(f"s3://{bucket}/", client=client)
     assert source_hook.calls == 1
 
 
@@ -485,7 +487,7 @@ def test_local_output_checks_writable_and_sweeps_temps(tmp_path):
     folder.mkdir()
     stale = folder / ".train_data.pkl.999999999.tmp"
     stale.write_bytes(b"half")
-    output = sources.open_output(folder)
+    output = storage.open_output(folder)
     output.prepare()
     assert not stale.exists()
     assert list(folder.iterdir()) == []
@@ -498,7 +500,7 @@ def test_local_output_read_only_fails_fast(tmp_path):
     folder.chmod(0o500)
     try:
         with pytest.raises(sources.SourceError, match="not writable"):
-            sources.open_output(folder).prepare()
+            storage.open_output(folder).prepare()
     finally:
         folder.chmod(0o700)
 
@@ -507,11 +509,11 @@ def test_local_output_under_a_file_fails_fast(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(sources.SourceError, match="cannot create output folder"):
-        sources.open_output(blocker / "out").prepare()
+        storage.open_output(blocker / "out").prepare()
 
 
 def test_s3_output_stages_then_uploads(s3_server, s3_client, bucket):
-    output = sources.open_output(f"s3://{bucket}/results", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
+    output = storage.open_output(f"s3://{bucket}/results", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     output.prepare()
     (output.staging_dir / "a.txt").write_bytes(b"hello")
     output.publish(["a.txt"])
@@ -526,7 +528,7 @@ def test_s3_output_stages_then_uploads(s3_server, s3_client, bucket):
 
 
 def test_s3_output_missing_bucket_fails_at_prepare(s3_server, s3_client):
-    output = sources.open_output("s3://no-such-output-bucket/x/",
+    output = storage.open_output("s3://no-such-output-bucket/x/",
                                  sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     try:
         with pytest.raises(sources.SourceError, match="does not exist"):

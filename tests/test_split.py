@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dss.split import make_folds, make_split, random_split, site_grouped_split
+from dss.train.split import make_folds, make_split, random_split, site_grouped_split
 
 
 def camera_sites(num_sites: int = 40, num_classes: int = 5, seed: int = 0):

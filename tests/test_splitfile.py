@@ -1,4 +1,4 @@
-"""dss.splitfile: split pickles built in place equal pickle.dump of the same dict, byte for byte."""
+"""dss.ingest.splitfile: split pickles built in place equal pickle.dump of the same dict, byte for byte."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from dss import dataset, splitfile
+from dss.data import dataset
+from dss.ingest import splitfile
 
 
 def split_dict(count: int, seed: int = 0) -> dict:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import dss_train
-from dss import dataset, loader, streaming
+from dss.data import dataset, streaming
+from dss.models import loader
 from tests.conftest import run_script
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dss import outputs, tracking
+from dss.train import outputs, tracking
 from tests.conftest import PYTHON, REPO_ROOT, _free_port, clean_env, run_script
 
 mlflow = pytest.importorskip("mlflow")

@@ -25,8 +25,12 @@ import pytest
 import torch
 
 import dss_train
-from dss import backbones, dataset, engine, outputs, threads, training, training_data
-from dss import model as model_lib
+from dss.models import backbones
+from dss.data import agreement, dataset
+from dss.train import engine, outputs, training, training_args, training_data
+from dss import stopping, threads
+from dss.models import model as model_lib
+from dss.predict import results
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 # Same thread count everywhere: CPU results are bit-identical only for a fixed thread count.
@@ -231,7 +235,7 @@ def test_a_stop_signal_saves_a_checkpoint_exits_nonzero_and_resumes(signum, refe
     assert process.returncode == 128 + signum, stdout + stderr
     assert dss_train.SIGTERM_EXIT_CODE == 128 + signal.SIGTERM
     line = _one_line(stderr)
-    assert f"stopped by {training.SIGNAL_NAMES[signum]} in epoch 2" in line
+    assert f"stopped by {stopping.SIGNAL_NAMES[signum]} in epoch 2" in line
     assert "checkpoint saved, re-run with the same --checkpoint-dir to resume" in line
     newest = max(ckpt.glob("ckpt-*.pt"))
     state = torch.load(newest, weights_only=True)
@@ -299,7 +303,7 @@ def test_one_agreement_check_for_train_test_and_model_test():
     train = {"images": np.zeros((2, 32, 32, 3), np.uint8), "info": {"resize_policy": "squash"}, "class_names": ["a", "b"]}
     test = {"images": np.zeros((1, 16, 16, 3), np.uint8), "info": {"resize_policy": "crop"}, "class_names": ["b", "a"]}
     with pytest.raises(dataset.DatasetError) as error:
-        training_data.check_agreement(test, training_data.preprocessing_of(train), "d (test)", "d (train)")
+        agreement.check_agreement(test, agreement.preprocessing_of(train), "d (test)", "d (train)")
     message = str(error.value)
     assert message.startswith("d (test) does not match d (train): ")
     assert "stored at 16 px but d (train) has 32 px images (re-run preprocess.py with --image-size 32)" in message
@@ -307,7 +311,7 @@ def test_one_agreement_check_for_train_test_and_model_test():
     assert "class names are ['b', 'a'] but d (train) has ['a', 'b']" in message
     # An unlabelled split without class names, or a pickle without a resize policy, passes on those points.
     unlabelled = {"images": np.zeros((1, 32, 32, 3), np.uint8), "info": {}, "class_names": []}
-    training_data.check_agreement(unlabelled, training_data.preprocessing_of(train), "d (test)", "d (train)")
+    agreement.check_agreement(unlabelled, agreement.preprocessing_of(train), "d (test)", "d (train)")
 
 
 def test_predict_only_without_a_model_is_a_clear_error(demo_pickles, tmp_path):
@@ -348,7 +352,7 @@ def test_bad_arguments_are_errors(argv, capsys):
 def test_settings_keep_every_flag_in_the_parsers_order():
     """config.json lists the flags in the parser's order: the settings object must mirror it."""
     args = dss_train.parse_args(["--weights", "none"])
-    settings = training.Settings.from_args(args)
+    settings = training_args.Settings.from_args(args)
     assert list(settings.flags()) == list(vars(args))
     assert dss_train.build_parser()._option_string_actions["--optimizer"].choices == engine.OPTIMIZERS
     fingerprint_settings = settings.recipe("site")
@@ -439,7 +443,7 @@ def test_imagenet_download_from_a_silent_network_times_out(tmp_path, monkeypatch
             monkeypatch.setenv(name, proxy)
         monkeypatch.setenv("TORCH_HOME", str(tmp_path))
         with pytest.raises(model_lib.WeightsError, match="--weights none"):
-            training.build_network(3, training.Settings.from_args(dss_train.parse_args([])), download_timeout_s=1.0)
+            training.build_network(3, training_args.Settings.from_args(dss_train.parse_args([])), download_timeout_s=1.0)
     assert socket.getdefaulttimeout() is None
 
 
@@ -481,7 +485,7 @@ def test_skip_entries_without_a_site_from_older_summaries_give_an_empty_site(tmp
     test = {"ids": ["a", "c"], "sites": ["S1", "S2"], "meta": {"csv_row": np.array([0, 2])}}
     paths = (tmp_path / "test_predictions.csv", tmp_path / "predictions.csv")
     probs = np.array([[0.9, 0.1], [0.2, 0.8]])
-    info = outputs.write_test_predictions(paths, tmp_path, test, probs, np.array([0.5, 0.5]), ["x", "y"])
+    info = results.write_test_predictions(paths, tmp_path, test, probs, np.array([0.5, 0.5]), ["x", "y"])
     assert info["filled_with_prior"] == ["b"]
     readable = pd.read_csv(paths[1], dtype=str, keep_default_na=False)
     assert readable[["id", "site", "status"]].values.tolist() == [
@@ -839,7 +843,7 @@ def test_where_it_fails_outputs_recompute_from_val_predictions(reference):
 
 
 def test_hosting_returns_the_training_runs_calibrated_probabilities(reference, demo_data, demo_pickles):
-    from dss import serve
+    from dss.predict import serve
 
     served = serve.model_fn(str(reference["models"]))
     assert served.temperature == torch.load(reference["models"] / "model.pth",
@@ -915,17 +919,18 @@ def test_crop_scale_sets_the_random_crops_and_one_means_none():
     data = training_data.TrainingData({"images": np.zeros((2, 40, 40, 3), np.uint8)}, None, "host",
                                       torch.device("cpu"), 32, "site", np.zeros(2, bool), "sha")
     norm = training.normalisation("resnet18")
-    cropped = training.augment(training.Settings.from_args(dss_train.parse_args(["--crop-scale", "0.8"])), data, norm)
+    cropped = training.augment(training_args.Settings.from_args(dss_train.parse_args(["--crop-scale", "0.8"])), data, norm)
     assert cropped.scale == (0.8, 1.0) and cropped.log_ratio != (0.0, 0.0) and cropped.out_size == 32
-    whole = training.augment(training.Settings.from_args(dss_train.parse_args(["--crop-scale", "1"])), data, norm)
+    whole = training.augment(training_args.Settings.from_args(dss_train.parse_args(["--crop-scale", "1"])), data, norm)
     assert whole.scale == (1.0, 1.0) and whole.log_ratio == (0.0, 0.0)
 
 
 def test_best_epoch_by_calibrated_log_loss_keeps_the_sharper_later_epoch():
     """Epoch 2 is over-confident (higher plain log loss) but ranks better: after a fitted temperature
     its log loss is lower, so --best-epoch-by calibrated-logloss keeps it and logloss does not."""
-    from dss import checkpoint, metrics
-    from dss.calibration import calibrated_log_loss
+    from dss.train import checkpoint
+    from dss import metrics
+    from dss.models.calibration import calibrated_log_loss
 
     labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
     soft = np.log(np.where(np.eye(2)[labels] == 1, 0.6, 0.4))          # timid, two mistakes

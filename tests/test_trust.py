@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import dss_train
-from dss import checkpoint, engine, finishing, outputs, previous_runs, training, training_args, training_data
+from dss.train import checkpoint, engine, finishing, outputs, previous_runs, training, training_args, training_data
+from dss.predict import results
 from tests.conftest import run_script
 
 COMMON = ["--epochs", "1", "--batch-size", "16", "--weights", "none", "--num-threads", "1", "--seed", "0"]
@@ -58,7 +59,7 @@ def test_retraining_with_other_settings_moves_the_earlier_run_aside_and_its_mode
         if name != outputs.OOF_PREDICTIONS:
             assert (kept / name).is_file(), name
     # The weekly predictions went with the model that made them; the new model predicts afresh.
-    assert (kept / "predictions" / demo_pickles.name / outputs.PREDICTIONS).is_file()
+    assert (kept / "predictions" / demo_pickles.name / results.PREDICTIONS).is_file()
     assert not (models / "predictions").exists()
     assert sha256(models / "model.pth") != first_model
     served = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", kept, "--predict-only",
@@ -156,7 +157,7 @@ def test_every_flag_declares_whether_it_changes_results_and_those_are_all_in_the
     assert all(isinstance(getattr(action, "changes_results", None), bool) for action in actions)
     results = training_args.result_settings()
     assert set(results) == set(CHANGED), "a new setting that changes results needs a changed value here"
-    settings = training.Settings.from_args(dss_train.parse_args([]))
+    settings = training_args.Settings.from_args(dss_train.parse_args([]))
     context = training.distributed.Context()
     base = training.checkpoint_fingerprint(settings, FakeData(), context)
     resolved_from_data = {"split_by", "image_size", "device", "data_in_memory"}
@@ -326,7 +327,7 @@ def test_kfold_runs_report_the_same_served_figure(demo_pickles, tmp_path):
 
 
 def test_mlflow_run_names_tell_runs_into_one_model_dir_apart():
-    settings = training.Settings.from_args(dss_train.parse_args(["--model-dir", "./models", "--epochs", "3"]))
+    settings = training_args.Settings.from_args(dss_train.parse_args(["--model-dir", "./models", "--epochs", "3"]))
     first, second = training.run_name(settings, "20261208-010000-aaaaaa"), training.run_name(
         settings, "20261208-020000-bbbbbb")
     assert first != second and first.startswith("models resnet18 e3 ")

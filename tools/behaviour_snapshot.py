@@ -3,12 +3,12 @@
     python tools/behaviour_snapshot.py --out /tmp/before.json          # on the old code
     python tools/behaviour_snapshot.py --out /tmp/after.json --compare /tmp/before.json
 
-Runs, as real subprocesses on a fixed demo draw: ``python -m dss.sample``, ``preprocess.py`` (64 px,
+Runs, as real subprocesses on a fixed demo draw: ``python -m dss.demo``, ``preprocess.py`` (64 px,
 as the demo) and a seeded CPU training run of ``dss_train.py`` (``--weights none``, one torch thread
 so the arithmetic is repeatable), then ``--predict-only`` on the same data. Records the sha256 of
 every preprocess output (the summaries with their ``timing`` fields and wall-time lines removed),
 ``metrics.csv`` without its timing columns, and the sha256 of the prediction CSVs, ``splits.csv``
-and ``config.json`` (paths removed). ``--compare`` prints every difference and exits 1 if any.
+and ``config.json`` (paths and the time-stamped run id removed). ``--compare`` prints every difference and exits 1 if any.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def metrics_rows(path: Path) -> list[dict]:
 
 def snapshot(work: Path) -> dict:
     data, out, models = work / "data", work / "output", work / "models"
-    run(["-m", "dss.sample", str(data), "--train", "240", "--test", "60", "--scale", "0.25"], work)
+    run(["-m", "dss.demo.sample", str(data), "--train", "240", "--test", "60", "--scale", "0.25"], work)
     run([str(REPO_ROOT / "preprocess.py"), "--input", str(data), "--output-dir", str(out), "--image-size", "64",
          "--workers", "2"], work)
     result = {}
@@ -79,7 +79,7 @@ def snapshot(work: Path) -> dict:
     for name in ("splits.csv", "val_predictions.csv", "test_predictions.csv"):
         result[f"train/{name}"] = sha256((models / name).read_bytes())
     resolved = json.loads((models / "config.json").read_text())
-    for key in ("data_dir", "model_dir", "output_dir", "checkpoint_dir", "torch_version", "python_version"):
+    for key in ("data_dir", "model_dir", "output_dir", "checkpoint_dir", "torch_version", "python_version", "run_id"):
         resolved.pop(key, None)
     result["train/config.json"] = resolved
     metrics = json.loads((models / "metrics.json").read_text())

@@ -27,7 +27,7 @@ SLACK = 1.05
 
 
 def code_files() -> list[Path]:
-    return [REPO_ROOT / "preprocess.py", REPO_ROOT / "dss_train.py", *sorted((REPO_ROOT / "dss").glob("*.py"))]
+    return [REPO_ROOT / "preprocess.py", REPO_ROOT / "dss_train.py", *sorted((REPO_ROOT / "dss").rglob("*.py"))]
 
 
 def functions(path: Path):

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench import fuzz
-from dss import dataset, labels
+from dss.data import dataset
+from dss.ingest import labels
 from tests.conftest import run_script
 
 SIZE = 32  # px: the smallest --image-size preprocess.py accepts

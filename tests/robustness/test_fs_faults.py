@@ -13,7 +13,7 @@ import subprocess
 
 from PIL import Image
 
-from dss import dataset
+from dss.data import dataset
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 SIZE = 32  # px: the smallest --image-size preprocess.py accepts

@@ -19,7 +19,10 @@ from PIL import Image
 
 import preprocess
 from bench import fuzz
-from dss import dataset, images, planning, sources
+from dss.data import dataset
+from dss import images
+from dss.ingest import planning, sources
+from dss.ingest import storage
 from tests.conftest import run_script
 
 SIZE = 32  # px: the smallest --image-size preprocess.py accepts
@@ -44,7 +47,7 @@ def test_a7_object_above_the_cap_is_never_requested(s3_server, s3_client, tmp_pa
     small = encode(Image.new("RGB", (24, 20), (9, 9, 9)), "JPEG")
     s3_client.put_object(Bucket=bucket, Key="new/small.jpg", Body=small)
     s3_client.put_object(Bucket=bucket, Key="new/huge.jpg", Body=small + bytes(400_000))
-    source = sources.open_source(f"s3://{bucket}/new/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+    source = storage.open_source(f"s3://{bucket}/new/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
                                                                               max_object_bytes=200_000))
     requested = []
     source.client.meta.events.register("before-send.s3.GetObject",
@@ -52,7 +55,7 @@ def test_a7_object_above_the_cap_is_never_requested(s3_server, s3_client, tmp_pa
     settings = planning.PreprocessSettings(input_uri=f"s3://{bucket}/new/", image_size=SIZE, policy="squash",
                                            max_pixels=images.DEFAULT_MAX_PIXELS, workers=1, download_threads=1,
                                            quiet=True)
-    summary = preprocess.run(source, sources.open_output(tmp_path / "out"), settings)
+    summary = preprocess.run(source, storage.open_output(tmp_path / "out"), settings)
     assert [url.rsplit("/", 1)[-1] for url in requested] == ["small.jpg"]
     (entry,) = summary["splits"]["test"]["skipped"]
     assert (entry["key"], entry["reason"]) == ("huge.jpg", "too_large") and "200000-byte cap" in entry["message"]

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import fuzz
-from dss import dataset
+from dss.data import dataset
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 database=None, derandomize=True)
@@ -115,5 +115,5 @@ def test_e5_every_truncation_of_a_real_pickle_is_refused(folder):
 @pytest.mark.parametrize("case", [1808, 2406, 3717, 4594])
 def test_e5_fuzz_found_corrupt_dtype_state_is_refused(folder, case):
     """bench/fuzz.py --seed 0 cases whose BUILD hands numpy's dtype.__setstate__ a corrupt state:
-    numpy raised SystemError, which escaped the loader before dss.dataset caught it too."""
+    numpy raised SystemError, which escaped the loader before dss.data.dataset caught it too."""
     assert fuzz.check_pickle(fuzz.case_input("pickle", 0, case, folder), folder) == "refused"

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from dss import dataset, s3, sources
+from dss.data import dataset
+from dss.ingest import s3, sources
+from dss.ingest import storage
 from tests.conftest import FAKE_AWS_ENV, PYTHON, clean_env, run_script
 from tests.test_sources import CountingHook, error_response
 
@@ -137,7 +139,7 @@ def s3_dataset(s3_client, bucket, demo_data) -> str:
 def test_c4_5xx_answers_are_retried(s3_server, s3_client, bucket, status, code):
     """(500 is in tests/test_sources.py::test_500_is_retried.) Two 5xx answers, then the object."""
     s3_client.put_object(Bucket=bucket, Key="a.jpg", Body=b"ok")
-    source = sources.open_source(f"s3://{bucket}/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
+    source = storage.open_source(f"s3://{bucket}/", sources.SourceOptions(endpoint_url=s3_server["endpoint"],
                                                                           max_attempts=3))
     hook = CountingHook(lambda request: error_response(request, status, code), fail_times=2)
     source.client.meta.events.register("before-send.s3.GetObject", hook)
@@ -153,7 +155,7 @@ def test_c7_unknown_host_fails_at_open_naming_the_endpoint(monkeypatch):
         monkeypatch.setenv(key, value)
     endpoint = "http://dss-no-such-host.invalid:9000"
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://bucket/data/",
+        storage.open_source("s3://bucket/data/",
                             sources.SourceOptions(endpoint_url=endpoint, max_attempts=1, connect_timeout=2))
     assert "EndpointConnectionError" in str(error.value) and "dss-no-such-host.invalid" in str(error.value)
 
@@ -163,7 +165,7 @@ def test_c7_unknown_host_fails_at_open_naming_the_endpoint(monkeypatch):
 def test_c8_server_never_answers_the_probe_read_timeout_after_all_attempts(scripted):
     scripted.hang_lists = True
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
+        storage.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
                                                                read_timeout=0.5, connect_timeout=2))
     assert "ReadTimeoutError" in str(error.value) and scripted.endpoint in str(error.value)
     assert scripted.requests["list"] == 2  # the configured attempts, then the error
@@ -188,7 +190,7 @@ def test_preprocess_takes_attempts_from_aws_max_attempts_unless_the_flag_is_give
 
 @pytest.mark.timeout(120)
 def test_c8_server_never_answers_a_get_is_a_recorded_skip(scripted):
-    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
+    source = storage.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
                                                                     read_timeout=0.5))
     results = dict(source.fetch_many(["a.jpg"], threads=1))
     skip = results["a.jpg"]
@@ -202,7 +204,7 @@ def test_c8_server_never_answers_a_get_is_a_recorded_skip(scripted):
 def test_c9_connection_dropped_mid_body_is_retried_then_read(scripted):
     """A real socket closed after 40 of 100 promised bytes (not a hook): our retry gets the object."""
     scripted.get_mode, scripted.faulty_gets = "drop", 1
-    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
+    source = storage.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=3,
                                                                     read_timeout=5))
     assert source.read("a.jpg") == BODY
     assert scripted.requests["get"] == 2 and source.stats.body_retries == 1
@@ -211,7 +213,7 @@ def test_c9_connection_dropped_mid_body_is_retried_then_read(scripted):
 @pytest.mark.timeout(120)
 def test_c9_connection_dropped_every_time_is_a_recorded_skip(scripted):
     scripted.get_mode = "drop"
-    source = sources.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
+    source = storage.open_source("s3://b/d/", sources.SourceOptions(endpoint_url=scripted.endpoint, max_attempts=2,
                                                                     read_timeout=5))
     with pytest.raises(sources.ObjectSkip) as skip:
         source.read("a.jpg")
@@ -318,7 +320,7 @@ def test_c12_endpoint_url_without_a_scheme_is_a_clear_error(monkeypatch):
     for key, value in FAKE_AWS_ENV.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(sources.SourceError) as error:
-        sources.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url="localhost:9000"))
+        storage.open_source("s3://bucket/data/", sources.SourceOptions(endpoint_url="localhost:9000"))
     assert "Invalid endpoint: localhost:9000" in str(error.value) and "--endpoint-url" in str(error.value)
 
 
@@ -327,7 +329,7 @@ def _put_headers(monkeypatch, s3_server, bucket, when_required: bool, tmp_path) 
     monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
     if when_required:
         monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    output = sources.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
+    output = storage.open_output(f"s3://{bucket}/out/", sources.SourceOptions(endpoint_url=s3_server["endpoint"]))
     seen = []
     output.client.meta.events.register("before-send.s3.PutObject",
                                        lambda request, **kwargs: seen.append(dict(request.headers.items())))

@@ -41,7 +41,7 @@ CHECKPOINT_NAME = re.compile(r"^ckpt-e(?P<epoch>\d{5})-s\d{9}\.pt$")
 @pytest.fixture(scope="module")
 def tiny_pickles(tmp_path_factory) -> Path:
     """48 train / 8 test demo images at 32 px: epochs of a few steps keep four runs well under a minute."""
-    from dss.sample import write_demo_dataset
+    from dss.demo.sample import write_demo_dataset
 
     root = tmp_path_factory.mktemp("f3")
     write_demo_dataset(root / "data", n_train=48, n_test=8, seed=0, scale=0.1)
