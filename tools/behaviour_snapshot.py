@@ -79,7 +79,7 @@ def snapshot(work: Path) -> dict:
     for name in ("splits.csv", "val_predictions.csv", "test_predictions.csv"):
         result[f"train/{name}"] = sha256((models / name).read_bytes())
     resolved = json.loads((models / "config.json").read_text())
-    for key in ("data_dir", "model_dir", "output_dir", "checkpoint_dir", "torch_version", "python_version"):
+    for key in ("data_dir", "model_dir", "output_dir", "checkpoint_dir", "torch_version", "python_version", "run_id"):
         resolved.pop(key, None)
     result["train/config.json"] = resolved
     metrics = json.loads((models / "metrics.json").read_text())
