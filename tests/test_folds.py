@@ -33,7 +33,8 @@ from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 K = 3
 COMMON = ["--epochs", "2", "--batch-size", "16", "--weights", "none", "--num-threads", "1", "--seed", "0"]
-CV_LINE = r"^\[METRICS\] cv_logloss=\d+\.\d{4} cv_acc=\d+\.\d{4} cv_logloss_before_temperature=\d+\.\d{4}$"
+CV_LINE = (r"^\[METRICS\] cv_logloss=\d+\.\d{4} cv_acc=\d+\.\d{4} cv_logloss_before_temperature=\d+\.\d{4} "
+           r"served_val_logloss=\d+\.\d{4}$")
 
 
 def train(data_dir, model_dir, *extra, timeout=600):
@@ -217,7 +218,7 @@ def test_fold_plan_on_the_demo_split(demo_pickles):
             if one is not other:
                 assert not set(sites[one.is_val]) & set(sites[other.is_val])
     assert [fold.seed(7) for fold in folds] == [7, 8, 9, 10]
-    assert folds[1].fingerprint() == {"folds": 4, "fold": 2}
+    assert folds[1].fingerprint() == {"fold": 2}  # --folds itself is a setting of the run's fingerprint
     single = crossval.plan(1, data, seed=0)
     assert len(single) == 1 and single[0].is_val is data.is_val and single[0].fingerprint() == {}
     assert single[0].checkpoint_dir(None) is None and folds[2].checkpoint_dir(REPO_ROOT) == REPO_ROOT / "fold-3"

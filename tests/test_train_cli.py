@@ -42,7 +42,7 @@ TRAJECTORY = ["epoch", "train_loss", "train_acc", "val_loss", "val_logloss", "va
 METRIC_REGEXES = {name: re.compile(rf"\[METRICS\] .*\b{name}=([0-9.]+)")
                   for name in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_logloss")}
 LINE_RE = re.compile(r"^\[METRICS\] epoch=\d+ train_loss=\d+\.\d{4} train_acc=\d+\.\d{4} val_loss=\d+\.\d{4} "
-                     r"val_acc=\d+\.\d{4} val_logloss=\d+\.\d{4}$")
+                     r"val_acc=\d+\.\d{4} val_logloss=\d+\.\d{4} val_logloss_calibrated=\d+\.\d{4}$")
 
 
 def train(data_dir, model_dir, *extra, env=None, timeout=600):
@@ -332,7 +332,8 @@ def test_bare_predict_only_flag_and_defaults():
     args = dss_train.parse_args(["--predict-only"])
     assert args.predict_only is True
     defaults = dss_train.parse_args([])
-    assert (defaults.epochs, defaults.weights, defaults.val_fraction, defaults.optimizer) == (10, "imagenet", 0.25, "adamw")
+    assert (defaults.epochs, defaults.weights, defaults.val_fraction, defaults.optimizer) == (10, "imagenet", None, "adamw")
+    assert training.Settings.from_args(defaults).val_fraction == 0.25  # resolved: None says "not given"
     assert defaults.predict_only is False and defaults.split_by is None and defaults.checkpoint_dir is None
     # The prototype's command line keeps working.
     old = dss_train.parse_args("--data-dir ./output --model-dir ./models --epochs 10 --batch-size 32 "
@@ -355,11 +356,13 @@ def test_settings_keep_every_flag_in_the_parsers_order():
     settings = training_args.Settings.from_args(args)
     assert list(settings.flags()) == list(vars(args))
     assert dss_train.build_parser()._option_string_actions["--optimizer"].choices == engine.OPTIMIZERS
-    fingerprint_settings = settings.recipe("site")
+    fingerprint_settings = settings.recipe({"split_by": "site"})
     assert list(fingerprint_settings) == ["epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
                                           "warmup_epochs", "label_smoothing", "crop_scale", "ema_decay",
-                                          "class_weights", "arch", "weights", "seed", "val_fraction", "best_epoch_by",
-                                          "split_by"]
+                                          "class_weights", "patience", "best_epoch_by", "arch", "weights",
+                                          "image_size", "seed", "val_fraction", "split_by", "folds", "device", "tta",
+                                          "temperature_scaling", "data_in_memory"]
+    assert fingerprint_settings["split_by"] == "site"
 
 
 def test_help_explains_every_flag_with_its_default():
@@ -498,8 +501,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_train_only_data_trains_and_replaces_the_previous_runs_outputs(reference, demo_pickles, tmp_path):
-    """preprocess may write train data only: training goes on, without test predictions; a re-run into
-    a model dir holding an earlier run replaces its outputs and drops its stale test_predictions.csv."""
+    """preprocess may write train data only: training goes on, without test predictions; a run into
+    a model dir holding an earlier run (other data) moves that run aside, its test_predictions.csv with it."""
     data, models = tmp_path / "data", tmp_path / "models"
     data.mkdir()
     shutil.copy(demo_pickles / "train_data.pkl", data / "train_data.pkl")
@@ -508,8 +511,9 @@ def test_train_only_data_trains_and_replaces_the_previous_runs_outputs(reference
     result = run_script("dss_train.py", ["--data-dir", data, "--model-dir", models, *COMMON[2:], "--epochs", "1"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"no test_data.pkl in {data}" in result.stdout
-    assert f"removed {models / 'test_predictions.csv'}" in result.stdout
-    assert not (models / "test_predictions.csv").exists()
+    earlier = models / "previous" / json.loads((reference["models"] / "config.json").read_text())["run_id"]
+    assert f"was moved to {earlier}" in result.stdout
+    assert not (models / "test_predictions.csv").exists() and (earlier / "test_predictions.csv").is_file()
     report = json.loads((models / "metrics.json").read_text())
     assert report["test"] == {"skipped": f"no test_data.pkl in {data}"}
     assert [row["epoch"] for row in report["epochs"]] == [1] and "per_class" in report["epochs"][0]
@@ -519,6 +523,7 @@ def test_train_only_data_trains_and_replaces_the_previous_runs_outputs(reference
     assert torch.load(models / "model.pth", weights_only=True)["hyperparameters"]["epochs"] == 1
     assert json.loads((models / "config.json").read_text())["num_test_images"] == 0
     assert not [path.name for path in models.iterdir() if path.name.startswith(".")]
+    assert _files(earlier)["model.pth"] == before["model.pth"]  # the earlier model, kept whole
 
 
 def _limit_file_size(max_bytes: int):

@@ -99,8 +99,8 @@ def run_config(settings: Settings, data: TrainingData, context: distributed.Cont
     (the data and every setting that changes results; dss.train.previous_runs) and ``run_id``."""
     key = previous_runs.run_key(data.sha256, recipe(settings, data))
     return {
-        "run_id": previous_runs.new_run_id(key), "run_key": key,
-        **settings.flags(), "num_threads": torch.get_num_threads(),
+        **settings.flags(), "num_threads": torch.get_num_threads(), "run_id": previous_runs.new_run_id(key),
+        "run_key": key,
         "split_by": data.split_by, "image_size": data.input_size, "stored_image_size": data.stored_size,
         "resize_policy": data.resize_policy, "device": str(context.device),
         "precision": precision_name(context.device), "torch_version": torch.__version__,
