@@ -333,7 +333,7 @@ def test_bare_predict_only_flag_and_defaults():
     assert args.predict_only is True
     defaults = dss_train.parse_args([])
     assert (defaults.epochs, defaults.weights, defaults.val_fraction, defaults.optimizer) == (10, "imagenet", None, "adamw")
-    assert training.Settings.from_args(defaults).val_fraction == 0.25  # resolved: None says "not given"
+    assert training_args.Settings.from_args(defaults).val_fraction == 0.25  # resolved: None says "not given"
     assert defaults.predict_only is False and defaults.split_by is None and defaults.checkpoint_dir is None
     # The prototype's command line keeps working.
     old = dss_train.parse_args("--data-dir ./output --model-dir ./models --epochs 10 --batch-size 32 "
