@@ -25,6 +25,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+# Everything make test runs, plus the soaks and per-arch matrices marked slow (about 5 more minutes on 2 cores).
+test-all: venv
+	$(PY) -m pytest -q -m ''
+
 # Probes that measure CPU time, run on a quiet machine (other processes can upset them, so make test skips them).
 test-timing: venv
 	DSS_TIMING_TESTS=1 $(PY) -m pytest -q tests/test_threads.py

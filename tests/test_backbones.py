@@ -161,7 +161,9 @@ def test_eval_transform_and_inference_use_the_given_normalisation():
     np.testing.assert_allclose(probs, reference, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+# resnet18 (the default) in make test; every other arch in make test-all.
+@pytest.mark.parametrize("arch", [arch if arch == backbones.DEFAULT_ARCH else pytest.param(arch, marks=pytest.mark.slow)
+                                  for arch in ARCHITECTURES])
 def test_each_arch_compiles_without_graph_breaks(arch):
     """torch.compile(fullgraph=True) captures every arch's forward in one graph (channels_last) and
     trains through it. The "eager" backend stops after graph capture, where an architecture can

@@ -216,6 +216,7 @@ def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_server, demo_pickles
     assert sorted(point.step for point in history) == [1, 2]  # no step duplicated, none missing
 
 
+@pytest.mark.slow  # six training runs of examples/sweep.sh: make test-all
 def test_the_local_sweep_example_logs_one_run_per_combination(mlflow_server, demo_pickles, tmp_path):
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server, PYTHON=PYTHON, EXPERIMENT="it-sweep",
                     LEARNING_RATES="0.001 0.003", LABEL_SMOOTHINGS="0.1", MODELS=str(tmp_path / "sweep"),

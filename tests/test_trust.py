@@ -37,12 +37,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def first_run(demo_pickles, tmp_path_factory):
+    """One run with COMMON into a model dir of its own (tests copy it before changing anything)."""
+    models = tmp_path_factory.mktemp("first") / "models"
+    result = train(demo_pickles, models)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"models": models, "stdout": result.stdout}
+
+
+@pytest.fixture(scope="module")
+def kfold_run(demo_pickles, tmp_path_factory):
+    models = tmp_path_factory.mktemp("kfold") / "models"
+    result = train(demo_pickles, models, "--folds", "2", "--val-fraction", "0.3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"models": models, "stdout": result.stdout + result.stderr}
+
+
 # --------------------------------------------------------------------------- 1. earlier runs are kept
 def test_retraining_with_other_settings_moves_the_earlier_run_aside_and_its_model_still_serves(
-        demo_pickles, tmp_path):
+        first_run, demo_pickles, tmp_path):
     models = tmp_path / "models"
-    first = train(demo_pickles, models)
-    assert first.returncode == 0, first.stdout + first.stderr
+    shutil.copytree(first_run["models"], models)
     first_config = json.loads((models / "config.json").read_text())
     first_model = sha256(models / "model.pth")
     weekly = run_script("dss_train.py", ["--data-dir", demo_pickles, "--model-dir", models, "--predict-only",
@@ -73,11 +89,8 @@ def test_retraining_with_other_settings_moves_the_earlier_run_aside_and_its_mode
     assert [entry.name for entry in (models / "previous").iterdir()] == [first_config["run_id"]]
 
 
-def test_every_file_a_run_leaves_is_one_that_is_moved_aside(demo_pickles, tmp_path):
-    models = tmp_path / "models"
-    result = train(demo_pickles, models, "--folds", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    left = {path.name for path in models.iterdir()}
+def test_every_file_a_run_leaves_is_one_that_is_moved_aside(kfold_run):
+    left = {path.name for path in kfold_run["models"].iterdir()}
     assert left == set(outputs.MODEL_FILES) | set(outputs.OUTPUT_FILES)
 
 
@@ -127,9 +140,9 @@ def test_outputs_in_another_output_dir_move_into_its_own_previous_folder(tmp_pat
     assert moved == [models / "previous" / "20261202-000000-aaaaaa"]
 
 
-def test_a_run_that_cannot_publish_moves_nothing(demo_pickles, tmp_path):
+def test_a_run_that_cannot_publish_moves_nothing(first_run, demo_pickles, tmp_path):
     models = tmp_path / "models"
-    assert train(demo_pickles, models).returncode == 0
+    shutil.copytree(first_run["models"], models)
     (models / "metrics.csv").unlink()
     (models / "metrics.csv").mkdir()  # publishing this run's metrics.csv must fail
     result = train(demo_pickles, models, "--learning-rate", "0.003")
@@ -248,10 +261,10 @@ def test_sigterm_outside_the_epoch_loop_exits_143_with_its_reason(
     assert f"stopped by SIGTERM {phase}" in sagemaker_failure.read_text()
 
 
-def test_sigterm_in_predict_only_writes_no_predictions(demo_pickles, tmp_path, monkeypatch, capsys,
+def test_sigterm_in_predict_only_writes_no_predictions(first_run, demo_pickles, tmp_path, monkeypatch, capsys,
                                                         one_cpu_thread):
     models = tmp_path / "models"
-    assert train(demo_pickles, models).returncode == 0
+    shutil.copytree(first_run["models"], models)
     _signal_when(monkeypatch, engine, "predict_ensemble_probs", calls=1)
     code = dss_train.main(["--data-dir", str(demo_pickles), "--model-dir", str(models), "--predict-only",
                            "--num-threads", "1"])
@@ -297,11 +310,9 @@ def test_a_checkpoint_from_another_device_and_precision_is_refused_naming_both(t
 
 
 # --------------------------------------------------------------------------- 6. the reported objective
-def test_the_final_metrics_line_reports_the_served_log_loss(demo_pickles, tmp_path):
-    models = tmp_path / "models"
-    result = train(demo_pickles, models)
-    assert result.returncode == 0, result.stdout + result.stderr
-    final = [line for line in result.stdout.splitlines() if line.startswith("[METRICS] best_epoch=")][-1]
+def test_the_final_metrics_line_reports_the_served_log_loss(first_run):
+    models, stdout = first_run["models"], first_run["stdout"]
+    final = [line for line in stdout.splitlines() if line.startswith("[METRICS] best_epoch=")][-1]
     served = float(re.search(r"\bserved_val_logloss=([0-9.]+)", final).group(1))
     calibrated = float(re.search(r"\bbest_val_logloss_calibrated=([0-9.]+)", final).group(1))
     metrics = json.loads((models / "metrics.json").read_text())
@@ -309,18 +320,16 @@ def test_the_final_metrics_line_reports_the_served_log_loss(demo_pickles, tmp_pa
     assert calibrated == pytest.approx(metrics["best"]["val_logloss_calibrated"], abs=1e-4)
     frame = pd.read_csv(models / "metrics.csv")
     assert "val_logloss_calibrated" in frame.columns
-    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("[METRICS] epoch=")]
+    epoch_lines = [line for line in stdout.splitlines() if line.startswith("[METRICS] epoch=")]
     assert all("val_logloss_calibrated=" in line for line in epoch_lines)
 
 
-def test_kfold_runs_report_the_same_served_figure(demo_pickles, tmp_path):
-    models = tmp_path / "models"
-    result = train(demo_pickles, models, "--folds", "2", "--val-fraction", "0.3")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "--val-fraction 0.3 is unused with --folds 2" in result.stdout + result.stderr
-    assert "split by site:" not in result.stdout  # only the folds are logged
-    assert re.search(r"model\.pth: 2 member\(s\), about \d+ MB", result.stdout)
-    final = [line for line in result.stdout.splitlines() if line.startswith("[METRICS] cv_logloss=")][-1]
+def test_kfold_runs_report_the_same_served_figure(kfold_run):
+    models, output = kfold_run["models"], kfold_run["stdout"]
+    assert "--val-fraction 0.3 is unused with --folds 2" in output
+    assert "split by site:" not in output  # only the folds are logged
+    assert re.search(r"model\.pth: 2 member\(s\), about \d+ MB", output)
+    final = [line for line in output.splitlines() if line.startswith("[METRICS] cv_logloss=")][-1]
     served = float(re.search(r"\bserved_val_logloss=([0-9.]+)", final).group(1))
     cv = json.loads((models / "metrics.json").read_text())["cv"]
     assert served == pytest.approx(cv["logloss"], abs=1e-4)

@@ -129,6 +129,7 @@ def newest_complete_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return max(complete) if complete else None
 
 
+@pytest.mark.slow  # a soak: make test-all (the single SIGKILL-and-resume tests run in make test)
 def test_f3_sigkill_at_random_moments_then_restarts_complete_with_the_uninterrupted_result(tiny_pickles, start_run,
                                                                                              tmp_path):
     rng = random.Random(SEED)
