@@ -50,6 +50,7 @@ from dss import cli, distributed, fileio, metrics, sagemaker, stopping
 from dss.cli import log
 from dss.data import dataset
 from dss.models import model as model_lib
+from dss.models import prediction
 from dss.predict import predicting
 from dss.train import checkpoint, crossval, engine, finishing, outputs, tracking, training, training_args, training_data
 from dss.predict.serve import input_fn, model_fn, output_fn, predict_fn

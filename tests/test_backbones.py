@@ -14,10 +14,9 @@ import torchvision.models
 from torch import nn
 
 from dss.models import backbones
-from dss.train import engine
 from dss.models.loader import IMAGENET_MEAN, IMAGENET_STD, DeviceImages, Normalisation, eval_transform
-from dss.models.model import (ARCHITECTURES, ModelArtifactError, WeightsError, build_model, load_model_artifact, model_arch,
 from dss.models import prediction
+from dss.models.model import (ARCHITECTURES, ModelArtifactError, WeightsError, build_model, load_model_artifact, model_arch,
                        save_model_artifact)
 from tests.conftest import clean_env
 

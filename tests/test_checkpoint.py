@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dss.data import dataset
 from dss.train import checkpoint as checkpoint_lib
 from tests.conftest import REPO_ROOT, clean_env
 
@@ -110,7 +111,6 @@ def test_crafted_checkpoint_never_runs_code_even_when_env_forces_unsafe_load(tmp
 import hashlib, json, os, torch
 from dss.train import checkpoint as c
 from dss import fileio
-from dss.data import dataset
 manager = c.CheckpointManager({str(folder)!r}, log=print)
 manager.save({{"ok": torch.zeros(1)}}, epoch=1, step=1, fingerprint={FINGERPRINT!r})
 

@@ -21,7 +21,7 @@ import pytest
 
 import dss_train
 import preprocess
-from dss.train import training, training_args
+from dss.train import training_args
 from tests.conftest import REPO_ROOT
 
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md")) + [REPO_ROOT / "README.md"]

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dss.train import engine
-from dss.train.engine import (Inference, NonFiniteLossError, TrainLoop, build_optimizer, build_scheduler,
-                        class_weights_balanced, evaluate, predict_probs, select_precision, train_one_epoch)
+from dss.models.prediction import Inference, predict_probs, select_precision
+from dss.train.engine import (NonFiniteLossError, TrainLoop, build_optimizer, build_scheduler, class_weights_balanced,
+                              evaluate, train_one_epoch)
 from dss.models.loader import DeviceImages, GpuAugment, eval_transform
 from dss.models.model import build_model
 from dss.models import prediction
@@ -228,10 +229,13 @@ def test_evaluate_rejects_mismatched_labels():
         evaluate(build_model(3, "none"), stored, np.zeros(5, np.int64), nn.CrossEntropyLoss(), at(4))
 
 
-def test_module_exports_the_documented_names():
-    for name in ("select_precision", "NonFiniteLossError", "train_one_epoch", "build_scheduler", "build_optimizer",
-                 "predict_probs", "evaluate", "class_weights_balanced", "TrainLoop", "Inference"):
+def test_modules_export_the_documented_names():
+    for name in ("NonFiniteLossError", "train_one_epoch", "build_scheduler", "build_optimizer", "evaluate",
+                 "class_weights_balanced", "TrainLoop"):
         assert callable(getattr(engine, name))
+    for name in ("select_precision", "predict_probs", "predict_logits", "predict_ensemble_probs", "Inference",
+                 "spec_from_artifact"):
+        assert callable(getattr(prediction, name))
 
 
 @pytest.mark.parametrize("tta", [False, True])

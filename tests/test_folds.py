@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dss.models import calibration
-from dss.train import crossval, engine
+from dss.train import crossval
 from dss.data import dataset
 from dss import metrics
 from dss.predict import serve

@@ -26,7 +26,7 @@ import pytest
 
 import dss_train
 from dss import sagemaker
-from dss.train.training import Settings
+from dss.train.training_args import Settings
 from tests.conftest import PYTHON, REPO_ROOT, clean_env, run_script
 
 

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 import dss_train
-from dss.train import engine
 from dss import images
-from dss.models import loader
+from dss.models import loader, prediction
 from dss.predict import serve
 from dss.models import model as model_lib
 

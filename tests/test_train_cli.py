@@ -27,7 +27,7 @@ import torch
 import dss_train
 from dss.models import backbones
 from dss.data import agreement, dataset
-from dss.train import engine, outputs, training, training_args, training_data
+from dss.train import engine, training, training_args, training_data
 from dss import stopping, threads
 from dss.models import model as model_lib
 from dss.predict import results

@@ -21,6 +21,7 @@ import torch
 
 import dss_train
 from dss.train import checkpoint, engine, finishing, outputs, previous_runs, training, training_args, training_data
+from dss.models import prediction
 from dss.predict import results
 from tests.conftest import run_script
 
@@ -265,7 +266,7 @@ def test_sigterm_in_predict_only_writes_no_predictions(first_run, demo_pickles, 
                                                         one_cpu_thread):
     models = tmp_path / "models"
     shutil.copytree(first_run["models"], models)
-    _signal_when(monkeypatch, engine, "predict_ensemble_probs", calls=1)
+    _signal_when(monkeypatch, prediction, "predict_ensemble_probs", calls=1)
     code = dss_train.main(["--data-dir", str(demo_pickles), "--model-dir", str(models), "--predict-only",
                            "--num-threads", "1"])
     captured = capsys.readouterr()

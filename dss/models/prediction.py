@@ -102,10 +102,10 @@ def predict_probs(model: nn.Module, images: DeviceImages, how: Inference, temper
     ``predict_logits`` / T, as ``calibration.apply_temperature`` (the run's fitted temperature)."""
     if len(images) == 0:
         raise ValueError("no images to predict")
-    log_probs = log_probs(eval_mode_logits(model, images, how).double().cpu())
+    rows = log_probs(eval_mode_logits(model, images, how).double().cpu())
     if temperature != 1.0:
-        log_probs = F.log_softmax(log_probs / float(temperature), dim=-1)
-    return log_probs.exp().numpy()
+        rows = F.log_softmax(rows / float(temperature), dim=-1)
+    return rows.exp().numpy()
 
 
 def predict_logits(model: nn.Module, images: DeviceImages, how: Inference) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dss import fileio
 from dss.cli import log
 from dss.data import summaries
 

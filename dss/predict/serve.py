@@ -101,6 +101,11 @@ class ServedModel:
     def amp_dtype(self) -> torch.dtype | None:
         return self.spec.inference.amp_dtype
 
+    @property
+    def normalisation(self) -> loader.Normalisation:
+        """The network's input mean/std, from the artifact."""
+        return self.spec.inference.normalisation
+
 
 @dataclass
 class ImageRequest:

@@ -24,6 +24,7 @@ import numpy as np
 from dss import metrics
 from dss.train import checkpoint, split, training
 from dss.cli import log
+from dss.models import model as model_lib
 
 if TYPE_CHECKING:
     from dss import distributed

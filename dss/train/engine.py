@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dss.models import calibration, prediction
-from dss import distributed, metrics
+from dss import metrics
 from dss.models.loader import DeviceImages, GpuAugment, num_train_batches
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dss.models import calibration
-from dss.train import crossval, diagnostics, engine, outputs, training, training_args
+from dss.train import crossval, diagnostics, outputs, training, training_args
 from dss.cli import log
 from dss.models import prediction
 

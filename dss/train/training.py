@@ -23,7 +23,7 @@ from dss.cli import log
 from dss.data import summaries
 from dss.models import backbones, loader, prediction
 from dss.models import model as model_lib
-from dss.train import engine, outputs, previous_runs, tracking, training_args
+from dss.train import engine, outputs, previous_runs, tracking
 from dss.train.ema import WeightEMA
 from dss.train.training_args import Settings
 from dss.train.training_data import TrainingData

@@ -229,7 +229,7 @@ class Settings:
                         "every fold is validated once")
         # Unused with K > 1 folds: None then, so it neither refuses a resume nor tells runs apart.
         val_fraction = (None if args.folds > 1 else
-                        training_args.DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction)
+                        DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction)
         resolved = {"tta": tta, "val_fraction": val_fraction, "data_dir": Path(data_dir), "model_dir": Path(model_dir),
                     "output_dir": Path(args.output_dir or sagemaker_output or local_output),
                     "checkpoint_dir": Path(checkpoint_dir) if checkpoint_dir else None}
@@ -241,9 +241,9 @@ class Settings:
         return tracking.resolve(self.mlflow, self.mlflow_experiment, self.mlflow_log_model)
 
     def recipe(self, resolved: dict) -> dict:
-        """Every setting that changes results (``training_args.result_settings()``), in the
+        """Every setting that changes results (``result_settings()``), in the
         parser's order, with the values this run resolved (``resolved``: e.g. split_by, image_size)."""
-        names = training_args.result_settings()
+        names = result_settings()
         unknown = set(resolved) - set(names)
         if unknown:
             raise ValueError(f"not settings that change results: {sorted(unknown)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dss.train import checkpoint, fingerprints, split
+from dss.train import fingerprints, split
 from dss import cli
 from dss.data import agreement, dataset, streaming, summaries
 from dss.models import loader
