@@ -363,3 +363,15 @@ def test_auto_refuses_to_stream_a_resume_whose_checkpoints_were_made_in_memory(t
         training_data.choose_memory_mode("auto", 1 << 30, tmp_path)
     assert "made with the images in memory" in str(error.value) and "--data-in-memory device" in str(error.value)
     assert training_data.choose_memory_mode("auto", 1 << 30, None) == "stream"  # no checkpoints: streamed
+
+
+# --------------------------------------------------------------------------- 12. what a new user tripped over
+def test_a_data_dir_of_raw_images_suggests_a_separate_output_folder(demo_data, tmp_path):
+    result = train(demo_data, tmp_path / "models")
+    assert result.returncode == 1
+    assert f"{demo_data} holds raw images: preprocess them into a separate folder" in result.stderr
+    assert f"--input {demo_data} --output-dir ./output" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"--output-dir {empty} first"):
+        training_data.dataset.find_split_files(empty, "train")

@@ -54,6 +54,22 @@ def split_filename(split: str, shard_index: int | None = None, num_shards: int |
     return f"{split}_data-{shard_index:05d}-of-{num_shards:05d}.pkl"
 
 
+# What a folder of raw Conser-vision images holds (preprocess.py's --input, not a data dir).
+RAW_LAYOUT_MARKERS = ("train_labels.csv", "train_features.csv", "test_features.csv", "train_features", "test_features")
+RAW_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _preprocess_hint(folder: Path) -> str:
+    """How to make the pickles: a folder of raw images is preprocess's input, so the pickles go to a
+    folder of their own, never into the raw images' folder."""
+    raw = any((folder / name).exists() for name in RAW_LAYOUT_MARKERS) or any(
+        entry.suffix.lower() in RAW_IMAGE_SUFFIXES for entry in folder.iterdir())
+    if raw:
+        return (f"{folder} holds raw images: preprocess them into a separate folder, e.g. python preprocess.py "
+                f"--input {folder} --output-dir ./output, then pass --data-dir ./output")
+    return f"run python preprocess.py --input <your images> --output-dir {folder} first"
+
+
 def find_split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
     """The pickle(s) holding ``split`` in ``data_dir``: the single file, or all shards in order.
 
@@ -80,10 +96,8 @@ def find_split_files(data_dir: str | os.PathLike, split: str) -> list[Path]:
     if single.is_file():
         return [single]
     if not shards:
-        raise FileNotFoundError(
-            f"no {split} data in {folder}: expected {single.name} or {split}_data-00000-of-0000K.pkl shards "
-            "(run preprocess.py --output-dir pointing here first)"
-        )
+        raise FileNotFoundError(f"no {split} data in {folder}: expected {single.name} or "
+                                f"{split}_data-00000-of-0000K.pkl shards ({_preprocess_hint(folder)})")
     if len(counts) != 1:
         raise DatasetError(f"{folder}: '{split}' shards disagree on the shard count: {sorted(counts)}")
     (count,) = counts
